@@ -1,0 +1,133 @@
+"""python -m fine_tune {data,pretrain,train,sweep,keys} [--config experiments/X.yaml] [--set key=value ...]
+
+Bad input (config, data, checkpoint) ends with one line on stderr and exit code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fine_tune.checkpoints import CheckpointError
+from fine_tune.config import ConfigError, describe_keys, load_config
+from fine_tune.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def _config(args):
+    return load_config(args.config, args.set or ())
+
+
+def cmd_data(args) -> int:
+    from fine_tune import data
+
+    cfg = _config(args)
+    root = data.prepare(cfg.data_dir)
+    tr_x, _, te_x, _, names = data.load(cfg.data_dir)
+    print(f"Fashion-MNIST ready in {root}/FashionMNIST: {len(tr_x)} training and {len(te_x)} test images, "
+          f"classes {', '.join(f'{i}={n}' for i, n in enumerate(names))}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from fine_tune.pretrain import backbone_for
+
+    cfg = _config(args)
+    if cfg.pretrain is None and not cfg.pretrained:
+        raise ConfigError(f"{args.config}: pretrain: not set, so there is nothing to pretrain; add a `pretrain:` section")
+    print(f"backbone: {backbone_for(cfg)}")
+    return 0
+
+
+def print_table(result) -> None:
+    m = result.metrics
+    print(f"\n{'':14s}{'accuracy':>10s}{'macro-F1':>10s}")
+    for split in ("val", "test"):
+        print(f"{split:14s}{m[f'{split}/accuracy']:10.4f}{m[f'{split}/f1_macro']:10.4f}")
+    print(f"\nper-class test F1 (best epoch {result.best_epoch} of {m['epochs_run']}, "
+          f"{m['trainable_params']:,} trainable parameters, {m['time/train_s']:.1f}s):")
+    for name, f in result.per_class_f1.items():
+        print(f"  {name:14s}{f:8.4f}")
+
+
+def cmd_train(args) -> int:
+    from fine_tune import checkpoints
+    from fine_tune.data import splits_for
+    from fine_tune.pretrain import backbone_for
+    from fine_tune.train import pick_device, train
+
+    cfg = _config(args)
+    splits = splits_for(cfg)
+    backbone = backbone_for(cfg)
+    print(f"{cfg.study}: {cfg.model} on classes {cfg.classes} | train {len(splits.train)} / val {len(splits.val)} / "
+          f"test {len(splits.test)} images | backbone {backbone or 'none (from scratch)'} | "
+          f"frozen {cfg.frozen_layers}, head {cfg.head_size}, lr {cfg.lr:g} | {pick_device(cfg.device)}")
+
+    def progress(epoch: int, m: dict) -> None:
+        print(f"epoch {epoch:3d}/{cfg.epochs}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
+              f"val/accuracy {m['val/accuracy']:.4f}  val/f1_macro {m['val/f1_macro']:.4f}  "
+              f"({m['time/epoch_s']:.1f}s)", flush=True)
+
+    result = train(cfg, splits, backbone, on_epoch=progress)
+    out = {"status": result.status, "message": result.message, **result.metrics,
+           "per_class_f1": result.per_class_f1, "confusion": result.confusion}
+    if result.status == "finished":
+        print_table(result)
+        ckpt = checkpoints.save(result.model.state_dict(), cfg.run_dir() / "train" / cfg.study / "best.pt")
+        print(f"\nbest-epoch checkpoint: {ckpt}")
+    else:
+        print(f"\nrun {result.status}: {result.message}", file=sys.stderr)
+    if args.json:
+        checkpoints.save_json(out, args.json)
+    return 0 if result.status == "finished" else 1
+
+
+def cmd_sweep(args) -> int:
+    from fine_tune.sweep import run_sweep, summary, top_table
+
+    cfg = _config(args)
+    study = run_sweep(cfg, args.n_trials)
+    s = summary(study)
+    print(f"\n{cfg.study}: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed"
+          + (f"; best {cfg.sweep.objective} {s['best_value']:.4f} (trial {s['best_trial']})" if "best_value" in s else ""))
+    print(top_table(study))
+    print(f"\nnext: `make ui` to browse the runs (http://127.0.0.1:5000), `make report` for the comparison report")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    print("config keys (YAML or --set key=value):\n" + describe_keys())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fine_tune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for name, fn, help_ in (("data", cmd_data, "locate or install Fashion-MNIST"),
+                            ("pretrain", cmd_pretrain, "pretrain the backbone on the source task (cached)"),
+                            ("train", cmd_train, "fine-tune once and print the final table"),
+                            ("sweep", cmd_sweep, "run or resume the Optuna study of the experiment"),
+                            ("keys", cmd_keys, "list every config key with its default")):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        p.add_argument("--config", type=Path, help="experiment YAML (defaults if omitted)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        if name == "train":
+            p.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
+        if name == "sweep":
+            p.add_argument("--n-trials", type=int, help="trials to add in this run (default: sweep.n_trials)")
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Experiment tracking behind one small interface; MLflow is imported here and nowhere else in fine_tune.
+
+`NullTracker` does nothing, so the training loop never asks `if tracking:`. `StudyTracker` keeps one MLflow
+tree per Optuna study: one parent run (found again by tag on resume) and one child run per trial, created with
+an explicit parent id so workers in other processes attach to the same tree.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+PARENT_TAG = "fine_tune.role"
+CHAMPION = "champion"
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+def default_uri(runs_dir: str | Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db"
+
+
+def metric_key(name: str) -> str:
+    """Class names such as 'T-shirt/top' become valid, unambiguous metric-key parts."""
+    return name.replace("/", "_")
+
+
+class RunTracker:
+    """One MLflow run, written through the client with an explicit run id (safe across processes)."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step or 0) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_result(self, result) -> None:
+        """The end of a finished run: test metrics, per-class F1, best-epoch checkpoint, confusion matrix."""
+        import torch
+
+        final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k in ("best_epoch", "epochs_run")}
+        final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
+        self.log_metrics(final, step=result.best_epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            torch.save(result.model.state_dict(), tmp / "best.pt")
+            (tmp / "per_class_report.json").write_text(json.dumps(result.report, indent=2))
+            (tmp / "confusion_matrix.json").write_text(json.dumps(
+                {"class_names": result.class_names, "matrix": result.confusion}))
+            confusion_png(result.confusion, result.class_names, tmp / "confusion_matrix.png")
+            self.client.log_artifact(self.run_id, str(tmp / "best.pt"), "checkpoint")
+            for name in ("per_class_report.json", "confusion_matrix.json", "confusion_matrix.png"):
+                self.client.log_artifact(self.run_id, str(tmp / name), "evaluation")
+
+    def end(self, status: str, state: str, reason: str | None = None) -> None:
+        tags = {"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {})
+        self.set_tags(tags)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=names).plot(ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title("test confusion matrix (best epoch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class StudyTracker:
+    """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial."""
+
+    def __init__(self, study_name: str, runs_dir: str | Path, uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        self.study_name = study_name
+        self.uri = uri or default_uri(runs_dir)
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(study_name)
+        if exp is None:
+            # A local store keeps artifacts beside it; a tracking server decides for itself (artifact serving).
+            local = self.uri.startswith("sqlite:") or self.uri.startswith("file:")
+            location = (Path(runs_dir).resolve() / "mlartifacts").as_uri() if local else None
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.experiment_id = self.client.create_experiment(study_name, artifact_location=location)
+            except MlflowException:  # another worker created it first
+                self.experiment_id = self.client.get_experiment_by_name(study_name).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent = RunTracker(self.client, self._parent_run_id())
+
+    def _parent_run_id(self) -> str:
+        """The study's one parent run: found again by tag on resume, created only the first time."""
+        found = self.client.search_runs([self.experiment_id], order_by=["attributes.start_time ASC"],
+                                        filter_string=f"tags.`{PARENT_TAG}` = 'study' and "
+                                                      f"tags.`optuna.study_name` = '{self.study_name}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                     tags={PARENT_TAG: "study", "optuna.study_name": self.study_name})
+        return run.info.run_id
+
+    def start_trial(self, number: int, params: dict[str, Any]) -> RunTracker:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{self.study_name}/t{number:03d}",
+            tags={"mlflow.parentRunId": self.parent.run_id, PARENT_TAG: "trial",
+                  "optuna.study_name": self.study_name, "optuna.trial_number": str(number),
+                  "optuna.trial_state": "RUNNING"})
+        child = RunTracker(self.client, run.info.run_id)
+        child.log_params(params)
+        return child
+
+    def summarise(self, summary: dict[str, Any]) -> None:
+        """Refresh the parent run's summary (best value and params, counts by state)."""
+        metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
+        self.parent.set_tags({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
+
+    def promote(self, child: RunTracker, model, value: float, objective: str, trial_number: int) -> bool:
+        """Register `model` as the study's champion if `value` beats the current champion's; say whether it did."""
+        import mlflow
+        import torch
+
+        current = self.champion()
+        if current is not None and float(current.tags.get("objective_value", "-inf")) >= value:
+            return False
+        with mlflow.start_run(run_id=child.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle",
+                code_paths=[str(Path(__file__).resolve().parent)],  # the Net class travels with the model
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
+        version = mlflow.register_model(info.model_uri, self.study_name,
+                                        tags={"objective": objective, "objective_value": str(value),
+                                              "optuna.trial_number": str(trial_number), "run_id": child.run_id})
+        self.client.set_registered_model_alias(self.study_name, CHAMPION, version.version)
+        return True
+
+    def champion(self):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.study_name, CHAMPION)
+        except MlflowException:  # no registered model or no alias yet
+            return None
+
+    def close(self) -> None:
+        self.client.set_terminated(self.parent.run_id, status="FINISHED")

@@ -1,0 +1,149 @@
+"""The fine-tuning loop: build the model, load the pretrained backbone, train with Adam, keep the best epoch.
+
+`train(cfg)` reads top to bottom. It knows nothing of Optuna or MLflow: a sweep passes `on_epoch` (to report
+and prune) and a tracker (to log); the defaults do nothing.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from fine_tune import checkpoints
+from fine_tune.config import Config
+from fine_tune.data import Split, Splits, splits_for
+from fine_tune.models import Net, build_model, count_params
+from fine_tune.tracking import NullTracker, Tracker
+
+EVAL_BATCH = 2048
+
+
+@dataclass
+class Result:
+    status: str  # "finished" or "diverged"
+    metrics: dict[str, float]  # the best epoch's val metrics, then test metrics
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch run
+    per_class_f1: dict[str, float] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)  # sklearn's per-class precision / recall / F1 / support
+    confusion: list[list[int]] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    best_epoch: int = 0
+    message: str = ""
+    model: Net | None = None  # holds the best epoch's weights
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: Net, split: Split, device: torch.device) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and predicted labels over a split, in large batches."""
+    model.eval()
+    total, preds = 0.0, []
+    for i in range(0, len(split), EVAL_BATCH):
+        x, y = split.x[i:i + EVAL_BATCH].to(device), split.y[i:i + EVAL_BATCH].to(device)
+        logits = model(x)
+        total += F.cross_entropy(logits, y, reduction="sum").item()
+        preds.append(logits.argmax(1).cpu())
+    return total / len(split), torch.cat(preds).numpy()
+
+
+def scores(prefix: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    return {f"{prefix}/accuracy": float(accuracy_score(y_true, y_pred)),
+            f"{prefix}/f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+
+
+def prepare_model(cfg: Config, num_classes: int, backbone: str | None = None) -> Net:
+    """The model a config describes, its backbone loaded from `backbone` when given, its first layers frozen."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes, cfg.head_size)
+    if backbone:
+        checkpoints.load_backbone(model, backbone)
+    return model.freeze(cfg.frozen_layers)
+
+
+def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None,
+          tracker: Tracker | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Result:
+    """Fine-tune per `cfg`; return the best epoch's val metrics and its test metrics.
+
+    `on_epoch(epoch, metrics)` runs after each epoch's validation; it may raise (Optuna's TrialPruned) to stop.
+    """
+    tracker = tracker or NullTracker()
+    splits = splits or splits_for(cfg)
+    device = pick_device(cfg.device)
+    model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A dedicated generator makes the batch order depend on the seed alone, not on what ran before.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
+    n = len(train_y)
+
+    best_f1, best_epoch, best_state, stale = -math.inf, 0, None, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(1, cfg.epochs + 1):
+        # --- one pass over the labeled budget, in-memory batches
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        loss_sum = 0.0
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(idx)
+        train_loss = loss_sum / n
+        if not math.isfinite(train_loss):
+            msg = f"loss became {train_loss} in epoch {epoch} (lr={cfg.lr:g}); lower the learning rate"
+            return Result("diverged", {}, history, class_names=splits.class_names, best_epoch=best_epoch,
+                          message=msg)
+
+        # --- validation: the only thing that drives decisions
+        val_loss, val_pred = evaluate(model, splits.val, device)
+        metrics = {"train/loss": train_loss, "val/loss": val_loss,
+                   **scores("val", splits.val.y.numpy(), val_pred),
+                   "time/epoch_s": time.perf_counter() - start}
+        history.append(metrics)
+        tracker.log_metrics(metrics, step=epoch)
+        if metrics["val/f1_macro"] > best_f1:
+            best_f1, best_epoch, stale = metrics["val/f1_macro"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if cfg.patience is not None and stale >= cfg.patience:
+            break
+
+    # --- the test set, once, with the best epoch's weights
+    model.load_state_dict(best_state)
+    _, test_pred = evaluate(model, splits.test, device)
+    y_test = splits.test.y.numpy()
+    labels = list(range(len(splits.class_names)))
+    report = classification_report(y_test, test_pred, labels=labels, target_names=splits.class_names,
+                                   output_dict=True, zero_division=0)
+    best = history[best_epoch - 1]
+    metrics = {k: best[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
+    metrics |= scores("test", y_test, test_pred)
+    metrics |= {"best_epoch": best_epoch, "epochs_run": len(history), "trainable_params": count_params(model),
+                "time/train_s": sum(h["time/epoch_s"] for h in history)}
+    return Result("finished", metrics, history,
+                  per_class_f1={name: report[name]["f1-score"] for name in splits.class_names}, report=report,
+                  confusion=confusion_matrix(y_test, test_pred, labels=labels).tolist(),
+                  class_names=splits.class_names, best_epoch=best_epoch, model=model.cpu())

@@ -1,0 +1,84 @@
+"""The fine-tuning loop on a few hundred real Fashion-MNIST images."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fine_tune import checkpoints
+
+from fine_tune.data import splits_for
+from fine_tune.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fine_tune_from_a_pretrained_backbone_beats_chance(tiny, tiny_backbone):
+    path, _ = tiny_backbone
+    cfg = tiny(frozen_layers=1, head_size=32, epochs=4, lr=3e-3)
+    seen = []
+    result = train(cfg, backbone=path, on_epoch=lambda e, m: seen.append((e, m)))
+    assert result.status == "finished" and [e for e, _ in seen] == [1, 2, 3, 4]
+    m = result.metrics
+    assert m["test/accuracy"] > 0.5 and m["val/f1_macro"] > 0.5  # chance is 0.2 on five classes
+    assert set(result.per_class_f1) == {"Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
+    assert sum(map(sum, result.confusion)) == 5 * 40
+    # the frozen layer is the pretrained one, untouched by fine-tuning
+    pretrained = checkpoints.load(path)
+    for k, v in result.model.backbone[0].state_dict().items():
+        assert torch.equal(v, pretrained[f"backbone.0.{k}"])
+
+
+def test_selection_uses_validation_only(tiny):
+    result = train(tiny(epochs=5, lr=1e-2))
+    assert all(not k.startswith("test/") for h in result.history for k in h)
+    val_f1 = [h["val/f1_macro"] for h in result.history]
+    assert result.best_epoch == val_f1.index(max(val_f1)) + 1
+    assert result.metrics["val/f1_macro"] == max(val_f1)
+
+
+def test_same_config_and_seed_give_the_same_metrics(tiny):
+    cfg = tiny(epochs=2)
+    splits = splits_for(cfg)
+    a, b = train(cfg, splits), train(cfg, splits)
+
+    def untimed(d):
+        return {k: v for k, v in d.items() if not k.startswith("time/")}
+
+    assert [untimed(h) for h in a.history] == [untimed(h) for h in b.history]
+    assert untimed(a.metrics) == untimed(b.metrics)
+    c = train(cfg.model_copy(update={"seed": 1}), splits)
+    assert c.history[-1]["train/loss"] != a.history[-1]["train/loss"]
+
+
+def test_early_stopping_respects_patience(tiny):
+    result = train(tiny(epochs=30, patience=2, lr=3e-2))
+    assert result.metrics["epochs_run"] < 30
+    assert result.metrics["epochs_run"] - result.best_epoch == 2
+
+
+def test_a_diverging_run_ends_with_a_status_not_a_traceback(tiny):
+    result = train(tiny(lr=1e12, epochs=3))
+    assert result.status == "diverged" and "lower the learning rate" in result.message
+
+
+@pytest.mark.parametrize("arch", ["cnn"])
+def test_cnn_fine_tunes(tiny, arch):
+    result = train(tiny(model=arch, epochs=1, frozen_layers=2))
+    assert result.status == "finished" and 0 <= result.metrics["test/accuracy"] <= 1
+
+
+def test_train_cli_prints_the_table_and_writes_json(tmp_path):
+    (tmp_path / "e.yaml").write_text("study: cli\nclasses: [5, 6, 7, 8, 9]\nbudget_per_class: 20\n"
+                                     "val_per_class: 20\ntest_per_class: 20\nepochs: 2\n"
+                                     "pretrain: {classes: [0, 1, 2, 3, 4], epochs: 1}\n")
+    p = subprocess.run([sys.executable, "-m", "fine_tune", "train", "--config", "e.yaml", "--json", "m.json",
+                        "--set", "frozen_layers=2"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "FINE_TUNE_DATA": str(ROOT / "data")})
+    assert p.returncode == 0, p.stderr
+    assert "epoch   2/2" in p.stdout and "per-class test F1" in p.stdout and "Ankle boot" in p.stdout
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert out["status"] == "finished" and out["trainable_params"] == 64 * 5 + 5
+    assert (tmp_path / "runs" / "train" / "cli" / "best.pt").is_file()
