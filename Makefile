@@ -4,13 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXPERIMENT ?= experiments/fashion_transfer.yaml
+N_TRIALS ?=
+HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+# The stores: local SQLite files under runs/ unless these point elsewhere (PostgreSQL, an MLflow server).
+MLFLOW_TRACKING_URI ?= sqlite:///runs/mlflow.db
+OPTUNA_STORAGE ?= sqlite:///runs/optuna.db
 # The venv is keyed on the hash of requirements.txt: unchanged pins -> nothing to install.
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain train test clean distclean
+.PHONY: help venv data pretrain train sweep ui dashboard test clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +38,16 @@ pretrain: data ## pretrain the backbone of EXPERIMENT on its source task (cached
 
 train: data ## fine-tune once per EXPERIMENT and print the final table (ARGS="--set lr=0.01" to override)
 	$(PY) -m fine_tune train --config $(EXPERIMENT) $(ARGS)
+
+sweep: data ## run or resume the Optuna study of EXPERIMENT, every trial tracked in MLflow (N_TRIALS=n)
+	$(PY) -m fine_tune sweep --config $(EXPERIMENT) $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(ARGS)
+
+ui: venv ## MLflow UI over the same store, on http://127.0.0.1:5000 (HOST/UI_PORT to change)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_TRACKING_URI) \
+	  --default-artifact-root runs/mlartifacts --host $(HOST) --port $(UI_PORT) --workers 1
+
+dashboard: venv ## optuna-dashboard over the same Optuna storage, on http://127.0.0.1:8080
+	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)
 
 test: data ## run the test suite (real data slices, real stores)
 	$(PY) -m pytest -q $(ARGS)

@@ -89,6 +89,8 @@ class SweepConfig(Strict):
     timeout: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
     sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler (seeded by `seed`)")
     pruner: Literal["median", "halving", "hyperband", "none"] = Field("median", description="Optuna pruner")
+    prune_startup_trials: int = Field(5, ge=0, description="median pruner: complete trials before pruning starts")
+    prune_warmup_epochs: int = Field(3, ge=0, description="median pruner: epochs a trial runs before it can be pruned")
     objective: Literal["val/f1_macro", "val/accuracy"] = Field("val/f1_macro", description="metric to maximise")
     storage: str | None = Field(None, description="Optuna storage URL (default sqlite:///runs/optuna.db)")
 

@@ -37,6 +37,8 @@ def storage_url(cfg: Config) -> str:
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats, so a trial whose worker died is failed and re-queued, not left RUNNING."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -76,7 +78,8 @@ def make_sampler(cfg: Config, trials_so_far: int = 0) -> optuna.samplers.BaseSam
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3),
+    s = cfg.sweep
+    return {"median": lambda: optuna.pruners.MedianPruner(s.prune_startup_trials, s.prune_warmup_epochs),
             "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
             "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=2, max_resource=cfg.epochs),
             "none": optuna.pruners.NopPruner}[cfg.sweep.pruner]()

@@ -6,6 +6,8 @@ an explicit parent id so workers in other processes attach to the same tree.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -71,7 +73,10 @@ class RunTracker:
         """The end of a finished run: test metrics, per-class F1, best-epoch checkpoint, confusion matrix."""
         import torch
 
+        # The curves' latest points are the last epoch's; `best/...` are the best epoch's, which the checkpoint,
+        # the test metrics and Optuna's objective all refer to.
         final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k in ("best_epoch", "epochs_run")}
+        final |= {f"best/{k}": result.metrics[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
         final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
         self.log_metrics(final, step=result.best_epoch)
         with tempfile.TemporaryDirectory() as tmp:
@@ -178,9 +183,10 @@ class StudyTracker:
                 model, name="model", serialization_format="pickle",
                 code_paths=[str(Path(__file__).resolve().parent)],  # the Net class travels with the model
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-        version = mlflow.register_model(info.model_uri, self.study_name,
-                                        tags={"objective": objective, "objective_value": str(value),
-                                              "optuna.trial_number": str(trial_number), "run_id": child.run_id})
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered ..." itself
+            version = mlflow.register_model(info.model_uri, self.study_name,
+                                            tags={"objective": objective, "objective_value": str(value),
+                                                  "optuna.trial_number": str(trial_number), "run_id": child.run_id})
         self.client.set_registered_model_alias(self.study_name, CHAMPION, version.version)
         return True
 

@@ -1,0 +1,124 @@
+"""A real sweep on real stores: SQLite Optuna + SQLite MLflow, a few hundred Fashion-MNIST images, 2 epochs."""
+import mlflow
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fine_tune import checkpoints
+from fine_tune.config import Config, ConfigError
+from fine_tune.data import splits_for
+from fine_tune.models import build_model
+from fine_tune.sweep import make_storage, run_sweep, storage_url
+from fine_tune.train import evaluate, scores
+
+
+@pytest.fixture
+def sweep_cfg(tmp_path, tiny_backbone, monkeypatch):
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def make(**kw) -> Config:
+        fields = dict(study="tiny-sweep", classes=[5, 6, 7, 8, 9], budget_per_class=20, val_per_class=20,
+                      test_per_class=40, epochs=2, pretrained=tiny_backbone[0], runs_dir=str(tmp_path / "runs"),
+                      search={"lr": {"low": 1e-3, "high": 3e-2, "log": True}, "frozen_layers": {"low": 0, "high": 2},
+                              "head_size": [0, 16]},
+                      sweep={"n_trials": 3, "pruner": "none"})
+        fields.update(kw)
+        return Config(**fields)
+    return make
+
+
+def runs_of(cfg):
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.run_dir().resolve()}/mlflow.db")
+    df = mlflow.search_runs(experiment_names=[cfg.study])
+    parents = df[df["tags.fine_tune.role"] == "study"]
+    children = df[df["tags.fine_tune.role"] == "trial"]
+    return parents, children
+
+
+def val_f1_of(state, params, cfg, splits):
+    model = build_model(cfg.model, 5, int(params["head_size"]))
+    model.load_state_dict(state)
+    _, pred = evaluate(model, splits.val, torch.device("cpu"))
+    return scores("val", splits.val.y.numpy(), pred)["val/f1_macro"]
+
+
+def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tmp_path):
+    cfg = sweep_cfg()
+    study = run_sweep(cfg, progress=False, log=lambda s: None)
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1 and len(children) == 3
+    parent_id = parents.run_id.iloc[0]
+    assert (children["tags.mlflow.parentRunId"] == parent_id).all()
+    assert sorted(children["tags.mlflow.runName"]) == ["tiny-sweep/t000", "tiny-sweep/t001", "tiny-sweep/t002"]
+    assert set(children["tags.optuna.trial_state"]) == {"COMPLETE"} and set(children.status) == {"FINISHED"}
+    assert parents.status.iloc[0] == "FINISHED"
+    assert parents["metrics.trials_complete"].iloc[0] == 3
+    assert parents["metrics.best_value"].iloc[0] == pytest.approx(study.best_value)
+    for col in ("params.lr", "params.frozen_layers", "params.head_size", "params.model", "params.pretrained_sha256",
+                "params.trainable_params", "params.data_fingerprint", "params.classes"):
+        assert children[col].notna().all(), col
+
+    # every finished trial: full metric history, and a checkpoint that reproduces its logged val metric
+    client, splits = MlflowClient(), splits_for(cfg)
+    for _, run in children.iterrows():
+        history = client.get_metric_history(run.run_id, "val/f1_macro")
+        assert [m.step for m in history] == list(range(1, int(run["metrics.epochs_run"]) + 1))
+        for key in ("train/loss", "val/loss", "val/accuracy"):
+            assert len(client.get_metric_history(run.run_id, key)) == len(history)
+        assert 0 <= run["metrics.test/accuracy"] <= 1 and "metrics.test/f1/Ankle boot" in run
+        path = mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="checkpoint/best.pt",
+                                                   dst_path=str(tmp_path / run.run_id))
+        f1 = val_f1_of(checkpoints.load(path), run.filter(like="params.").rename(lambda c: c[7:]), cfg, splits)
+        assert f1 == pytest.approx(run["metrics.best/val/f1_macro"], abs=1e-9)
+        assert f1 == max(m.value for m in history)
+        names = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
+        assert names == {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json",
+                         "evaluation/per_class_report.json"}
+
+    # the champion alias points at the best trial, and the registered model reproduces its val metric
+    champion = client.get_model_version_by_alias(cfg.study, "champion")
+    best_run = children[children["tags.optuna.trial_number"] == str(study.best_trial.number)].iloc[0]
+    assert champion.tags["run_id"] == best_run.run_id
+    model = mlflow.pytorch.load_model(f"models:/{cfg.study}@champion")
+    _, pred = evaluate(model, splits.val, torch.device("cpu"))
+    assert scores("val", splits.val.y.numpy(), pred)["val/f1_macro"] == pytest.approx(study.best_value, abs=1e-9)
+
+    # a rerun continues the same study under the same parent
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1 and parents.run_id.iloc[0] == parent_id and len(children) == 6
+    assert sorted(int(n) for n in children["tags.optuna.trial_number"]) == list(range(6))
+    assert (children["tags.mlflow.parentRunId"] == parent_id).all()
+    assert "RUNNING" not in set(children.status) | set(parents.status)
+    params = [tuple(sorted(t.params.items())) for t in optuna.load_study(study_name=cfg.study,
+                                                                         storage=storage_url(cfg)).trials]
+    assert len(set(params)) == 6  # the resumed sampler does not replay the first run's samples
+
+
+def test_pruned_and_diverged_trials_are_closed_with_their_reason(sweep_cfg):
+    cfg = sweep_cfg(epochs=3, sweep={"n_trials": 3, "pruner": "median", "prune_startup_trials": 1,
+                                     "prune_warmup_epochs": 0},
+                    search={"lr": {"low": 1e-3, "high": 1e12, "log": True}, "frozen_layers": {"low": 0, "high": 2},
+                            "head_size": [0, 16]})
+    study = optuna.create_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)), direction="maximize")
+    study.enqueue_trial({"lr": 3e-2, "frozen_layers": 0, "head_size": 16})  # learns: sets the median
+    study.enqueue_trial({"lr": 1e-3, "frozen_layers": 2, "head_size": 0})  # barely moves: below the median
+    study.enqueue_trial({"lr": 1e12, "frozen_layers": 0, "head_size": 0})  # diverges
+    run_sweep(cfg, progress=False, log=lambda s: None)
+
+    _, children = runs_of(cfg)
+    by_trial = {int(r["tags.optuna.trial_number"]): r for _, r in children.iterrows()}
+    assert by_trial[0].status == "FINISHED"
+    assert by_trial[1].status == "KILLED" and by_trial[1]["tags.optuna.trial_state"] == "PRUNED"
+    assert len(MlflowClient().get_metric_history(by_trial[1].run_id, "val/f1_macro")) >= 1  # its curve is kept
+    assert by_trial[2].status == "FAILED" and "lower the learning rate" in by_trial[2]["tags.fine_tune.reason"]
+    states = [t.state.name for t in optuna.load_study(study_name=cfg.study, storage=storage_url(cfg)).trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+
+
+def test_sweep_without_a_search_space_is_refused(sweep_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="search: not set"):
+        run_sweep(sweep_cfg(search=None), progress=False)
+    assert not (tmp_path / "runs").exists()
