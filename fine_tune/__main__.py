@@ -12,8 +12,10 @@ from pathlib import Path
 from fine_tune.checkpoints import CheckpointError
 from fine_tune.config import ConfigError, describe_keys, load_config
 from fine_tune.data import DataError
+from fine_tune.sweep import StorageError
+from fine_tune.tracking import TrackingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, TrackingError)
 
 
 def _config(args):
@@ -88,7 +90,7 @@ def cmd_sweep(args) -> int:
     from fine_tune.sweep import run_sweep, summary, top_table
 
     cfg = _config(args)
-    study = run_sweep(cfg, args.n_trials)
+    study = run_sweep(cfg, args.n_trials, args.workers or cfg.sweep.workers)
     s = summary(study)
     print(f"\n{cfg.study}: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed"
           + (f"; best {cfg.sweep.objective} {s['best_value']:.4f} (trial {s['best_trial']})" if "best_value" in s else ""))
@@ -117,16 +119,21 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
         if name == "sweep":
-            p.add_argument("--n-trials", type=int, help="trials to add in this run (default: sweep.n_trials)")
+            p.add_argument("--n-trials", type=int, help="finished trials to add in this run (default: sweep.n_trials)")
+            p.add_argument("--workers", type=int, help="worker processes sharing the study (default: sweep.workers)")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from fine_tune.sweep import Terminated
+
+        terminated = isinstance(e, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}: the running trial was closed and re-queued; "
+              "run the same command again to resume", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

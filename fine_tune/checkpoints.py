@@ -43,17 +43,22 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load(path: str | Path) -> dict:
-    """Load a checkpoint with `weights_only=True`; any failure becomes a one-line CheckpointError."""
+def load_any(path: str | Path) -> Any:
+    """`torch.load(..., weights_only=True)`: tensors and plain containers only, never pickled code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check `pretrained:` or run `make pretrain`")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch state dict ({reason}); "
                               "delete it and rerun `make pretrain`, or point `pretrained:` at a good file") from None
+
+
+def load(path: str | Path) -> dict:
+    """A model state dict (optionally wrapped as {"state_dict": ...}); any failure is a one-line CheckpointError."""
+    obj = load_any(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -93,6 +93,9 @@ class SweepConfig(Strict):
     prune_warmup_epochs: int = Field(3, ge=0, description="median pruner: epochs a trial runs before it can be pruned")
     objective: Literal["val/f1_macro", "val/accuracy"] = Field("val/f1_macro", description="metric to maximise")
     storage: str | None = Field(None, description="Optuna storage URL (default sqlite:///runs/optuna.db)")
+    workers: int = Field(1, ge=1, description="worker processes sharing the study on this machine")
+    heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
+    grace_period: int = Field(30, gt=0, description="seconds without a heartbeat before a trial is failed and retried")
 
 
 class Config(Strict):

@@ -16,6 +16,7 @@ import torch
 from fine_tune import checkpoints
 from fine_tune.config import Config
 from fine_tune.data import splits_for
+from fine_tune.models import build_model
 from fine_tune.train import train
 
 
@@ -34,7 +35,8 @@ def cache_path(cfg: Config) -> Path:
 def backbone_for(cfg: Config, log: Callable[[str], None] = print) -> str | None:
     """Path of the backbone checkpoint `cfg` fine-tunes from (pretraining it first if not cached), or None."""
     if cfg.pretrained:
-        checkpoints.load(cfg.pretrained)  # fail now, with a clear line, rather than mid-sweep
+        # fail now, with a clear line, rather than in every trial
+        checkpoints.load_backbone(build_model(cfg.model, len(cfg.classes)), cfg.pretrained)
         return cfg.pretrained
     if cfg.pretrain is None:
         return None

@@ -6,7 +6,11 @@ honouring `should_prune`. Rerunning a sweep loads the same study (`load_if_exist
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import signal
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +23,9 @@ from tqdm import tqdm
 from fine_tune import checkpoints
 from fine_tune.config import Config
 from fine_tune.data import Splits, splits_for
+from fine_tune.data import prepare as prepare_data
 from fine_tune.pretrain import backbone_for
-from fine_tune.tracking import StudyTracker
+from fine_tune.tracking import StudyTracker, check_reachable, close_run, default_uri
 from fine_tune.train import train
 
 GRID_LR_POINTS = 5  # a grid over a continuous lr range takes this many log-spaced points
@@ -35,16 +40,50 @@ def storage_url(cfg: Config) -> str:
             or f"sqlite:///{Path(cfg.runs_dir).resolve()}/optuna.db")
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be reached; the message names the URL and the fix."""
+
+
+class CloseStaleTrial:
+    """A trial whose worker stopped heartbeating: close its MLflow run as FAILED, then re-queue it.
+
+    Optuna's retry callback enqueues a copy with the same params and user attrs (so the retry finds the MLflow
+    run id and the epoch checkpoint of the trial it continues).
+    """
+
+    def __init__(self, tracking_uri: str | None, max_retry: int = 2):
+        self.tracking_uri = tracking_uri
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.tracking_uri:
+            close_run(self.tracking_uri, run_id, "FAILED", "FAIL",
+                      f"worker stopped heartbeating during trial {trial.number}; the trial was re-queued")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry(study, trial)
+
+
+def make_storage(url: str, tracking_uri: str | None = None, heartbeat: int = 10,
+                 grace: int = 30) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats, so a trial whose worker died is failed and re-queued, not left RUNNING."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=30,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    # SQLite serialises writers; with several local workers a write may wait, so wait long instead of failing.
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                              grace_period=grace,
+                                              heartbeat_stale_trial_callback=CloseStaleTrial(tracking_uri))
+    except Exception as e:  # sqlalchemy's OperationalError, ArgumentError, a missing driver...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise StorageError(f"Optuna storage {url} is unusable ({first}); start the database or fix OPTUNA_STORAGE "
+                           "/ sweep.storage") from None
 
 
 def grid_space(cfg: Config) -> dict[str, list]:
@@ -116,25 +155,38 @@ def context_params(cfg: Config, splits: Splits, backbone: str | None) -> dict[st
 
 
 class Objective:
-    """One trial: sample, train (reporting each epoch to Optuna and MLflow), close the child run."""
+    """One trial: sample, train (reporting each epoch to Optuna and MLflow), close the child run.
+
+    A retried trial (its worker died, or the sweep was interrupted) continues the original trial's MLflow run
+    from its last epoch checkpoint instead of starting over.
+    """
 
     def __init__(self, cfg: Config, splits: Splits, backbone: str | None, tracker: StudyTracker):
         self.cfg, self.splits, self.backbone, self.tracker = cfg, splits, backbone, tracker
         self.context = context_params(cfg, splits, backbone)
 
+    def state_path(self, number: int) -> Path:
+        return self.cfg.run_dir() / "trial_state" / self.cfg.study / f"t{number:03d}.pt"
+
     def __call__(self, trial: optuna.Trial) -> float:
+        from fine_tune.models import build_model, count_params
+
         cfg = self.cfg
         params = suggest(trial, cfg)
         trial_cfg = Config.model_validate({**cfg.model_dump(), **params})
-        from fine_tune.models import build_model, count_params
-
-        trainable = count_params(build_model(cfg.model, len(self.splits.class_names), trial_cfg.head_size,
-                                             trial_cfg.frozen_layers))
-        trial.set_user_attr("trainable_params", trainable)
-        run = self.tracker.start_trial(trial.number, {**self.context, **trial_cfg.model_dump(
-            include={"lr", "frozen_layers", "head_size", "weight_decay", "batch_size", "epochs", "patience"}),
-            "trainable_params": trainable})
-        trial.set_user_attr("mlflow_run_id", run.run_id)
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial it continues
+        state = self.state_path(trial.number if original is None else original)
+        if original is not None and "mlflow_run_id" in trial.user_attrs:
+            run = self.tracker.reopen(trial.user_attrs["mlflow_run_id"], trial.number)
+        else:
+            trainable = count_params(build_model(cfg.model, len(self.splits.class_names), trial_cfg.head_size,
+                                                 trial_cfg.frozen_layers))
+            trial.set_user_attr("trainable_params", trainable)
+            run = self.tracker.start_trial(trial.number, {**self.context, **trial_cfg.model_dump(
+                include={"lr", "frozen_layers", "head_size", "weight_decay", "batch_size", "epochs", "patience"}),
+                "trainable_params": trainable})
+            trial.set_user_attr("mlflow_run_id", run.run_id)
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[cfg.sweep.objective], epoch)
@@ -142,13 +194,19 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         try:
-            result = train(trial_cfg, self.splits, self.backbone, tracker=run, on_epoch=report)
+            result = train(trial_cfg, self.splits, self.backbone, tracker=run, on_epoch=report, state_path=state)
         except optuna.TrialPruned as e:
             run.end("KILLED", "PRUNED", str(e))
+            state.unlink(missing_ok=True)
             raise
-        except BaseException as e:  # a crash or Ctrl-C: never leave the run RUNNING
-            run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep the epoch checkpoint, queue the trial again
+            run.end("KILLED", "FAIL", f"interrupted ({type(e).__name__}); re-queued, resumes from its last epoch")
+            requeue(trial, frozen, original if original is not None else trial.number)
             raise
+        except BaseException as e:  # a crash: never leave the run RUNNING
+            run.end("FAILED", "FAIL", repr(e))
+            raise
+        state.unlink(missing_ok=True)
         if result.status != "finished":
             trial.set_user_attr("fail_reason", result.message)
             run.end("FAILED", "FAIL", result.message)
@@ -162,6 +220,14 @@ class Objective:
             trial.set_user_attr("champion", True)
         run.end("FINISHED", "COMPLETE")
         return value
+
+
+def requeue(trial: optuna.Trial, frozen: optuna.trial.FrozenTrial, original: int) -> None:
+    """Queue an interrupted trial again, marked as a retry of `original`, as Optuna's retry callback would."""
+    trial.study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs=dict(trial.user_attrs), system_attrs={"failed_trial": original},
+        intermediate_values=dict(frozen.intermediate_values)))
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
@@ -203,41 +269,138 @@ def top_table(study: optuna.Study, k: int = 10) -> str:
     return "\n".join(rows)
 
 
-def run_sweep(cfg: Config, n_trials: int | None = None, log: Callable[[str], None] = print,
-              progress: bool = True) -> optuna.Study:
-    """Run (or resume) the study `cfg.study`: pretrain if needed, then `n_trials` more trials."""
-    if cfg.search is None:
-        from fine_tune.config import ConfigError
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the trial is closed and re-queued) but exiting with 143."""
 
-        raise ConfigError(f"search: not set, so there is nothing to sweep; add a `search:` section")
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
+    """Create or load the study; a resumed or parallel sampler is reseeded so it does not replay samples."""
+    url = storage_url(cfg)
+    storage = make_storage(url, tracking_uri=default_uri(cfg.runs_dir), heartbeat=cfg.sweep.heartbeat_interval,
+                           grace=cfg.sweep.grace_period)
+    study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg),
+                                pruner=make_pruner(cfg), direction="maximize", load_if_exists=True)
+    if len(study.trials) or seed_offset:
+        study.sampler = make_sampler(cfg, len(study.trials) + seed_offset)
+    return study
+
+
+def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, worker: int = 0,
+         tracker: StudyTracker | None = None, progress: bool = False, log: Callable[[str], None] = print) -> None:
+    """One worker: run trials of the study until it holds `target` finished (complete or pruned) trials.
+
+    The parent run is the launcher's to close; a worker only adds child runs under it.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     splits = splits_for(cfg)
     backbone = backbone_for(cfg, log)
-    url = storage_url(cfg)
-    study = optuna.create_study(study_name=cfg.study, storage=make_storage(url), sampler=make_sampler(cfg),
-                                pruner=make_pruner(cfg), direction="maximize", load_if_exists=True)
-    done_before = len(study.trials)
-    if done_before:
-        study.sampler = make_sampler(cfg, done_before)
-    study.set_user_attr("objective", cfg.sweep.objective)
-    tracker = StudyTracker(cfg.study, cfg.runs_dir)
-    n = n_trials or cfg.sweep.n_trials
-    log(f"study {cfg.study}: {done_before} trials so far in {url}; running {n or 'unlimited'} more"
-        f"{f' (timeout {cfg.sweep.timeout:g}s)' if cfg.sweep.timeout else ''} | MLflow {tracker.uri}")
-
-    bar = tqdm(total=n, desc=cfg.study, unit="trial", disable=not progress, dynamic_ncols=True)
+    study = open_study(cfg, seed_offset=1000 * worker)
+    tracker = tracker or StudyTracker(cfg.study, cfg.runs_dir)
+    bar = tqdm(total=target, initial=_finished(study), desc=cfg.study, unit="trial", disable=not progress,
+               dynamic_ncols=True)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         s = summary(study)
         tracker.summarise(s)
-        bar.update(1)
+        bar.n = s["trials_complete"] + s["trials_pruned"]
         bar.set_postfix(best=f"{s.get('best_value', float('nan')):.4f}", done=s["trials_complete"],
                         pruned=s["trials_pruned"], failed=s["trials_failed"])
+        if bar.n >= target:
+            study.stop()
 
     try:
-        study.optimize(Objective(cfg, splits, backbone, tracker), n_trials=n, timeout=cfg.sweep.timeout,
-                       callbacks=[after_trial], catch=(TrialDiverged,))
+        if _finished(study) < target:
+            study.optimize(Objective(cfg, splits, backbone, tracker), n_trials=max_trials,
+                           timeout=cfg.sweep.timeout, callbacks=[after_trial], catch=(TrialDiverged,))
     finally:
         bar.close()
-        tracker.close()
-    return study
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int) -> None:
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        work(cfg, target, max_trials, threads, worker, log=lambda s: None)
+    except KeyboardInterrupt:
+        sys.exit(143)
+
+
+def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: Callable[[str], None] = print,
+              progress: bool = True) -> optuna.Study:
+    """Run (or resume) the study `cfg.study` until it holds `n_trials` more finished trials.
+
+    With `workers > 1`, that many processes share the study (and the machine's cores) through its storage.
+    """
+    if cfg.search is None:
+        from fine_tune.config import ConfigError
+
+        raise ConfigError("search: not set, so there is nothing to sweep; add a `search:` section")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Check every input before anything is created: the tracking server, the data, a user's checkpoint.
+    check_reachable(default_uri(cfg.runs_dir))
+    prepare_data(cfg.data_dir)
+    if cfg.pretrained:
+        backbone_for(cfg, log)
+    study = open_study(cfg)  # fails fast on an unreachable storage, before any pretraining
+    tracker = StudyTracker(cfg.study, cfg.runs_dir)  # the parent run exists before any worker starts
+    n = n_trials or cfg.sweep.n_trials or 10**9
+    target = _finished(study) + n
+    max_trials = 2 * n + 10  # bounds a study whose trials keep failing
+    log(f"study {cfg.study}: {len(study.trials)} trials so far in {storage_url(cfg)}; running until {n} more finish"
+        f"{f' (timeout {cfg.sweep.timeout:g}s)' if cfg.sweep.timeout else ''} with {workers} worker(s) | "
+        f"MLflow {tracker.uri}")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    status = "KILLED"
+    try:
+        backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
+        if workers <= 1:
+            work(cfg, target, max_trials, tracker=tracker, progress=progress, log=log)
+        else:
+            _run_workers(cfg, target, max_trials, workers, progress)
+        status = "FINISHED"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tracker.close(status)
+    return optuna.load_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)))
+
+
+def _run_workers(cfg: Config, target: int, max_trials: int, workers: int, progress: bool) -> None:
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/sqlite state shared between workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [ctx.Process(target=_worker_main, args=(cfg, target, max_trials, threads, i + 1)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    study = optuna.load_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)))
+    bar = tqdm(total=target, initial=_finished(study), desc=f"{cfg.study} x{workers}", unit="trial",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            bar.n = min(_finished(study), target)
+            bar.refresh()
+    except KeyboardInterrupt:
+        for p in procs:  # each worker closes its own trial and run, then exits
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.join()
+        raise
+    finally:
+        bar.close()
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} workers exited with codes {failed}; see their output above")

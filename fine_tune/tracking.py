@@ -20,6 +20,23 @@ PARENT_TAG = "fine_tune.role"
 CHAMPION = "champion"
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached; the message names the URI and the fix."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a tracking server that is down: MLflow's own client would retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except OSError as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
+                            "start it (`make server`) or fix MLFLOW_TRACKING_URI") from None
+
+
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
 
@@ -85,15 +102,25 @@ class RunTracker:
             (tmp / "per_class_report.json").write_text(json.dumps(result.report, indent=2))
             (tmp / "confusion_matrix.json").write_text(json.dumps(
                 {"class_names": result.class_names, "matrix": result.confusion}))
+            (tmp / "test_predictions.json").write_text(json.dumps(
+                {"class_names": result.class_names, "y_true": result.test_true, "y_pred": result.test_pred}))
             confusion_png(result.confusion, result.class_names, tmp / "confusion_matrix.png")
             self.client.log_artifact(self.run_id, str(tmp / "best.pt"), "checkpoint")
-            for name in ("per_class_report.json", "confusion_matrix.json", "confusion_matrix.png"):
+            for name in ("per_class_report.json", "confusion_matrix.json", "confusion_matrix.png",
+                         "test_predictions.json"):
                 self.client.log_artifact(self.run_id, str(tmp / name), "evaluation")
 
     def end(self, status: str, state: str, reason: str | None = None) -> None:
         tags = {"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {})
         self.set_tags(tags)
         self.client.set_terminated(self.run_id, status=status)
+
+
+def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> None:
+    """Close a run from outside the process that ran it (a worker that died)."""
+    from mlflow.tracking import MlflowClient
+
+    RunTracker(MlflowClient(uri), run_id).end(status, state, reason)
 
 
 def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> None:
@@ -123,6 +150,7 @@ class StudyTracker:
         logging.getLogger("mlflow").setLevel(logging.ERROR)
         self.study_name = study_name
         self.uri = uri or default_uri(runs_dir)
+        check_reachable(self.uri)
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
@@ -142,27 +170,46 @@ class StudyTracker:
         self.parent = RunTracker(self.client, self._parent_run_id())
 
     def _parent_run_id(self) -> str:
-        """The study's one parent run: found again by tag on resume, created only the first time."""
-        found = self.client.search_runs([self.experiment_id], order_by=["attributes.start_time ASC"],
-                                        filter_string=f"tags.`{PARENT_TAG}` = 'study' and "
-                                                      f"tags.`optuna.study_name` = '{self.study_name}'")
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                     tags={PARENT_TAG: "study", "optuna.study_name": self.study_name})
-        return run.info.run_id
+        """The study's one parent run: found again by tag on resume, created only the first time.
 
-    def start_trial(self, number: int, params: dict[str, Any]) -> RunTracker:
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{self.study_name}/t{number:03d}",
-            tags={"mlflow.parentRunId": self.parent.run_id, PARENT_TAG: "trial",
-                  "optuna.study_name": self.study_name, "optuna.trial_number": str(number),
-                  "optuna.trial_state": "RUNNING"})
+        Workers on several machines may start at once and each create one; all of them then settle on the
+        earliest, and a worker whose own run lost deletes it, so the tree keeps exactly one parent.
+        """
+        def parents():
+            return self.client.search_runs([self.experiment_id], order_by=["attributes.start_time ASC"],
+                                           filter_string=f"tags.`{PARENT_TAG}` = 'study' and "
+                                                         f"tags.`optuna.study_name` = '{self.study_name}'")
+
+        found = parents()
+        if not found:
+            mine = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                          tags={PARENT_TAG: "study", "optuna.study_name": self.study_name})
+            found = sorted(parents(), key=lambda r: (r.info.start_time, r.info.run_id))
+            if found[0].info.run_id != mine.info.run_id:
+                self.client.delete_run(mine.info.run_id)
+        run_id = found[0].info.run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> RunTracker:
+        """A child run of the study's parent, created with an explicit parent id (works from any process)."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.parent.run_id,
+                                           "optuna.study_name": self.study_name, **tags})
         child = RunTracker(self.client, run.info.run_id)
         child.log_params(params)
         return child
+
+    def start_trial(self, number: int, params: dict[str, Any]) -> RunTracker:
+        return self.start_run(f"{self.study_name}/t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
+                                                                   "optuna.trial_state": "RUNNING"}, params)
+
+    def reopen(self, run_id: str, retry_number: int) -> RunTracker:
+        """Continue a trial's run after its worker died: the retry logs into the same run."""
+        self.client.update_run(run_id, status="RUNNING")
+        run = RunTracker(self.client, run_id)
+        run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number})
+        return run
 
     def summarise(self, summary: dict[str, Any]) -> None:
         """Refresh the parent run's summary (best value and params, counts by state)."""
@@ -198,5 +245,5 @@ class StudyTracker:
         except MlflowException:  # no registered model or no alias yet
             return None
 
-    def close(self) -> None:
-        self.client.set_terminated(self.parent.run_id, status="FINISHED")
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent.run_id, status=status)

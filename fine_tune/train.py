@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +35,8 @@ class Result:
     report: dict = field(default_factory=dict)  # sklearn's per-class precision / recall / F1 / support
     confusion: list[list[int]] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    test_true: list[int] = field(default_factory=list)  # per test image, remapped labels
+    test_pred: list[int] = field(default_factory=list)  # per test image, for paired tests between runs
     best_epoch: int = 0
     message: str = ""
     model: Net | None = None  # holds the best epoch's weights
@@ -77,10 +80,13 @@ def prepare_model(cfg: Config, num_classes: int, backbone: str | None = None) ->
 
 
 def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None,
-          tracker: Tracker | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Result:
+          tracker: Tracker | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          state_path: str | Path | None = None) -> Result:
     """Fine-tune per `cfg`; return the best epoch's val metrics and its test metrics.
 
     `on_epoch(epoch, metrics)` runs after each epoch's validation; it may raise (Optuna's TrialPruned) to stop.
+    With `state_path`, the full training state is saved there atomically after every epoch, and a run that
+    finds one there continues after its last epoch instead of starting over.
     """
     tracker = tracker or NullTracker()
     splits = splits or splits_for(cfg)
@@ -95,7 +101,14 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
 
     best_f1, best_epoch, best_state, stale = -math.inf, 0, None, 0
     history: list[dict[str, float]] = []
-    for epoch in range(1, cfg.epochs + 1):
+    if state_path is not None and Path(state_path).is_file():
+        st = checkpoints.load_any(state_path)
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        history, best_state = st["history"], st["best_state"]
+        best_f1, best_epoch, stale = st["best_f1"], st["best_epoch"], st["stale"]
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         # --- one pass over the labeled budget, in-memory batches
         start = time.perf_counter()
         model.train()
@@ -126,6 +139,10 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
+        if state_path is not None:
+            checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "generator": gen.get_state(), "history": history, "best_state": best_state,
+                              "best_f1": best_f1, "best_epoch": best_epoch, "stale": stale}, state_path)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if cfg.patience is not None and stale >= cfg.patience:
@@ -146,4 +163,5 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
     return Result("finished", metrics, history,
                   per_class_f1={name: report[name]["f1-score"] for name in splits.class_names}, report=report,
                   confusion=confusion_matrix(y_test, test_pred, labels=labels).tolist(),
-                  class_names=splits.class_names, best_epoch=best_epoch, model=model.cpu())
+                  class_names=splits.class_names, test_true=y_test.tolist(), test_pred=test_pred.tolist(), best_epoch=best_epoch,
+                  model=model.cpu())
