@@ -12,7 +12,7 @@ from pathlib import Path
 from fine_tune.checkpoints import CheckpointError
 from fine_tune.config import ConfigError, describe_keys, load_config
 from fine_tune.data import DataError
-from fine_tune.sweep import StorageError
+from fine_tune.sweep import StorageError, WorkerDied
 from fine_tune.tracking import TrackingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, TrackingError)
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         from fine_tune.sweep import Terminated
 

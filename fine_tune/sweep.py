@@ -5,6 +5,8 @@ honouring `should_prune`. Rerunning a sweep loads the same study (`load_if_exist
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import math
 import multiprocessing
 import os
@@ -161,8 +163,9 @@ class Objective:
     from its last epoch checkpoint instead of starting over.
     """
 
-    def __init__(self, cfg: Config, splits: Splits, backbone: str | None, tracker: StudyTracker):
-        self.cfg, self.splits, self.backbone, self.tracker = cfg, splits, backbone, tracker
+    def __init__(self, cfg: Config, splits: Splits, backbone: str | None, tracker: StudyTracker,
+                 on_start: Callable[[], None] = lambda: None):
+        self.cfg, self.splits, self.backbone, self.tracker, self.on_start = cfg, splits, backbone, tracker, on_start
         self.context = context_params(cfg, splits, backbone)
 
     def state_path(self, number: int) -> Path:
@@ -171,6 +174,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         from fine_tune.models import build_model, count_params
 
+        self.on_start()  # the trial exists in the storage now: other workers may claim theirs
         cfg = self.cfg
         params = suggest(trial, cfg)
         trial_cfg = Config.model_validate({**cfg.model_dump(), **params})
@@ -269,6 +273,10 @@ def top_table(study: optuna.Study, k: int = 10) -> str:
     return "\n".join(rows)
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended abnormally (killed, out of memory)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (the trial is closed and re-queued) but exiting with 143."""
 
@@ -302,7 +310,8 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
         import torch
 
         torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna would log a traceback per failed trial; we say it in one line below and keep the reason in MLflow.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     splits = splits_for(cfg)
     backbone = backbone_for(cfg, log)
     study = open_study(cfg, seed_offset=1000 * worker)
@@ -313,22 +322,104 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         s = summary(study)
         tracker.summarise(s)
+        if trial.state == TrialState.FAIL:
+            bar.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'see its MLflow run')}")
         bar.n = s["trials_complete"] + s["trials_pruned"]
         bar.set_postfix(best=f"{s.get('best_value', float('nan')):.4f}", done=s["trials_complete"],
                         pruned=s["trials_pruned"], failed=s["trials_failed"])
-        if bar.n >= target:
-            study.stop()
 
+    # Workers claim trials under a lock (check the count, then ask) so that together they run exactly `target`
+    # finished trials; in-flight trials of other workers count as claimed until they finish or go stale.
+    lock = ClaimLock(storage_url(cfg), cfg.study, cfg.runs_dir)
+    objective = Objective(cfg, splits, backbone, tracker, on_start=lock.release)
+    started, attempts, waited_since = time.monotonic(), 0, None
+    # How long to wait on other workers' trials: a trial of this study, or a dead worker's grace period, at most.
+    patience_s = 3 * (cfg.sweep.grace_period + cfg.sweep.heartbeat_interval) + 600
     try:
-        if _finished(study) < target:
-            study.optimize(Objective(cfg, splits, backbone, tracker), n_trials=max_trials,
-                           timeout=cfg.sweep.timeout, callbacks=[after_trial], catch=(TrialDiverged,))
+        while attempts < max_trials and not (cfg.sweep.timeout and time.monotonic() - started > cfg.sweep.timeout):
+            lock.acquire()
+            finished, running = _count(study, TrialState.COMPLETE, TrialState.PRUNED), _count(study, TrialState.RUNNING)
+            if finished >= target:
+                break
+            if finished + running >= target:  # wait for the others' trials (or for a dead worker's to go stale)
+                lock.release()
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > patience_s:
+                    log(f"stopping: {running} trial(s) of other workers made no progress for {patience_s:.0f}s")
+                    break
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                time.sleep(1.0)
+                continue
+            waited_since = None
+            study.optimize(objective, n_trials=1, callbacks=[after_trial], catch=(TrialDiverged,))
+            lock.release()
+            attempts += 1
     finally:
+        lock.release()
+        lock.close()
         bar.close()
 
 
+class ClaimLock:
+    """A cross-process lock around "count the trials, then ask for one": a PostgreSQL advisory lock on
+    PostgreSQL (workers on any machine), a file lock beside the local stores otherwise."""
+
+    def __init__(self, url: str, study: str, runs_dir: str):
+        self.held, self.conn, self.file = False, None, None
+        self.key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
+        if url.startswith("postgresql"):
+            import sqlalchemy
+
+            self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            self.conn = self.engine.connect()
+        else:
+            path = Path(runs_dir) / f".claim-{study}.lock"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a+")
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        if self.conn is not None:
+            import sqlalchemy
+
+            self.conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            self.conn.commit()
+        else:
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        if self.conn is not None:
+            import sqlalchemy
+
+            self.conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            self.conn.commit()
+        else:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.held = False
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.engine.dispose()
+        if self.file is not None:
+            self.file.close()
+
+
+def _count(study: optuna.Study, *states: TrialState) -> int:
+    """Trials in `states`, read from the database itself: Optuna's per-process trial cache can miss a trial
+    another worker created, and an exact count is what keeps parallel workers from overshooting."""
+    storage = study._storage._backend if hasattr(study._storage, "_backend") else study._storage
+    return len(storage.get_all_trials(study._study_id, deepcopy=False, states=states))
+
+
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return _count(study, *FINISHED)
 
 
 def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int) -> None:
@@ -403,4 +494,11 @@ def _run_workers(cfg: Config, target: int, max_trials: int, workers: int, progre
         bar.close()
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {workers} workers exited with codes {failed}; see their output above")
+        # A worker that died left its trial RUNNING; once its heartbeat is stale, fail it, close its MLflow run
+        # and re-queue it (the next sweep resumes it from its last epoch).
+        time.sleep(cfg.sweep.grace_period + cfg.sweep.heartbeat_interval)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        raise WorkerDied(f"{len(failed)} of {workers} workers died (exit codes {failed}); their trials were failed "
+                         "and re-queued; run the same command again to finish them")

@@ -234,8 +234,12 @@ class StudyTracker:
             version = mlflow.register_model(info.model_uri, self.study_name,
                                             tags={"objective": objective, "objective_value": str(value),
                                                   "optuna.trial_number": str(trial_number), "run_id": child.run_id})
-        self.client.set_registered_model_alias(self.study_name, CHAMPION, version.version)
-        return True
+        # Workers promote concurrently: point the alias at the best version registered so far, so that whichever
+        # worker writes last, the alias ends on the true best.
+        versions = self.client.search_model_versions(f"name='{self.study_name}'")
+        best = max(versions, key=lambda v: float(v.tags.get("objective_value", "-inf")))
+        self.client.set_registered_model_alias(self.study_name, CHAMPION, best.version)
+        return best.version == version.version
 
     def champion(self):
         from mlflow.exceptions import MlflowException

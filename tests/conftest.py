@@ -32,3 +32,33 @@ def tiny_backbone(tmp_path_factory):
     cfg = Config(classes=[5, 6, 7, 8, 9], val_per_class=20, runs_dir=str(tmp / "runs"),
                  pretrain={"classes": [0, 1, 2, 3, 4], "epochs": 1})
     return backbone_for(cfg, log=lambda s: None), cfg
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = """study: {study}
+classes: [5, 6, 7, 8, 9]
+budget_per_class: {budget}
+val_per_class: 20
+test_per_class: 40
+epochs: {epochs}
+pretrained: {backbone}
+search:
+  lr: {{low: 1.0e-3, high: 3.0e-2, log: true}}
+  frozen_layers: {{low: 0, high: 2}}
+  head_size: [0, 16]
+sweep: {{n_trials: {n_trials}, pruner: none, heartbeat_interval: 1, grace_period: 3}}
+"""
+
+
+def write_experiment(path, backbone, study="cli-sweep", budget=20, epochs=2, n_trials=2):
+    """A tiny sweep experiment file for tests that run the CLI as a user would."""
+    path.write_text(TINY_YAML.format(study=study, budget=budget, epochs=epochs, n_trials=n_trials, backbone=backbone))
+    return path
+
+
+def cli_env(**extra):
+    """The environment of a CLI subprocess: the repo importable, the extracted data reused, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI")}
+    env.update(PYTHONPATH=ROOT, FINE_TUNE_DATA=os.path.join(ROOT, "data"), MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", **extra)
+    return env

@@ -1,0 +1,72 @@
+"""python -m analysis report --study NAME [--runs-dir runs] [--out reports] [--resamples 2000]
+python -m analysis compare --studies A B [...] [--runs-dir runs] [--out reports] [--resamples 2000]
+
+`report` writes reports/<study>/report.md and a self-contained report.html (plus the PNGs) and logs them to the
+study's MLflow parent run under report/. `compare` writes reports/compare-<a>-<b>.../. A study that does not exist
+or has no finished trials ends with one line on stderr and exit code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Before mlflow is imported: no progress bar per small JSON artifact read, no usage telemetry (as in the Makefile).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from analysis.stats import RESAMPLES
+from analysis.stores import StoreError, load_study
+
+
+def cmd_report(args) -> int:
+    from analysis import report
+
+    start = time.perf_counter()
+    data = load_study(args.study, args.runs_dir)
+    folder = report.build(data, args.out, args.resamples)
+    print(f"{folder / 'report.md'}\n{folder / 'report.html'}\nalso logged to MLflow: run {data.parent_run_id} "
+          f"(experiment {data.name}), artifacts report/ ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from analysis import compare
+
+    start = time.perf_counter()
+    studies = [load_study(name, args.runs_dir) for name in args.studies]  # all of them, before writing anything
+    folder = compare.build(studies, args.out, args.resamples)
+    print(f"{folder / 'report.md'}\n{folder / 'report.html'} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description="Reports built from the sweep's stores.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("report", cmd_report, "report on one study"),
+                            ("compare", cmd_compare, "compare several studies")):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        if name == "report":
+            p.add_argument("--study", required=True, help="study name (the `study:` key of the experiment YAML)")
+        else:
+            p.add_argument("--studies", nargs="+", required=True, help="two or more study names")
+        p.add_argument("--runs-dir", default="runs", help="the sweep's runs directory, holding optuna.db and "
+                                                          "mlflow.db (OPTUNA_STORAGE / MLFLOW_TRACKING_URI override)")
+        p.add_argument("--out", type=Path, default=Path("reports"), help="where reports are written")
+        p.add_argument("--resamples", type=int, default=RESAMPLES,
+                       help="bootstrap resamples for the confidence intervals of re-run trials")
+    args = parser.parse_args(argv)
+    if args.command == "compare" and len(args.studies) < 2:
+        parser.error("compare needs two or more studies: --studies A B")
+    try:
+        return args.fn(args)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The report's figures, each written to a PNG file (matplotlib's Agg backend: no display needed)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import optuna.visualization.matplotlib as ovm
+import pandas as pd
+from sklearn.metrics import ConfusionMatrixDisplay
+
+matplotlib.use("Agg")  # files only: no display is needed, and CI has none
+DPI = 100
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _optuna_figure(draw, path: Path, size: tuple[float, float], *args, **kwargs) -> Path:
+    # optuna.visualization.matplotlib is marked experimental (a warning that says nothing about the report), and
+    # it switches matplotlib to its own style globally; rc_context confines that style to its own figures.
+    with warnings.catch_warnings(), plt.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = draw(*args, **kwargs)
+        ax.figure.set_size_inches(*size)
+        return _save(ax.figure, path)
+
+
+def optimization_history(study: optuna.Study, objective: str, path: Path) -> Path:
+    return _optuna_figure(ovm.plot_optimization_history, path, (8, 4.5), study, target_name=objective)
+
+
+def param_importances(study: optuna.Study, objective: str, path: Path) -> Path:
+    """fANOVA importances, seeded so that the same study gives the same figure."""
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    return _optuna_figure(ovm.plot_param_importances, path, (8, 3.5), study, evaluator=evaluator,
+                          target_name=objective)
+
+
+def lr_vs_score(trials: pd.DataFrame, score: str, path: Path) -> Path:
+    """Learning rate (log scale) against the score, one colour per number of frozen layers."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for frozen, group in trials.groupby("frozen_layers"):
+        ax.scatter(group.lr, group[score], label=f"{frozen:g}", s=36, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set(xlabel="lr", ylabel=f"{score} (best epoch)", title=f"lr vs {score}")
+    ax.legend(title="frozen layers")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def score_by(trials: pd.DataFrame, score: str, groups: list[str], path: Path) -> Path:
+    """One box plot per hyperparameter in `groups`, every trial drawn on top as a point."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), sharey=True, squeeze=False)
+    rng = np.random.default_rng(0)  # the jitter only separates overlapping points
+    for ax, col in zip(axes[0], groups):
+        data = trials.dropna(subset=[col])
+        values = sorted(data[col].unique())
+        ax.boxplot([data.loc[data[col] == v, score] for v in values], positions=range(len(values)), showfliers=False)
+        for i, v in enumerate(values):
+            ys = data.loc[data[col] == v, score]
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, s=18, alpha=0.7, color="tab:blue")
+        ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set(xlabel=col, title=f"{score} by {col}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel(f"{score} (best epoch)")
+    return _save(fig, path)
+
+
+def learning_curves(curves: dict[str, pd.Series], metric: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, curve in curves.items():
+        ax.plot(curve.index, curve.values, marker="o", ms=3, label=label)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, top trials")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def confusion(matrix: list[list[int]], names: list[str], title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=names).plot(ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def accuracy_vs_f1(runs: pd.DataFrame, path: Path) -> Path:
+    """Every finished run's accuracy against its macro-F1, on val (best epoch) and test: off the diagonal
+    means the classes are served unevenly."""
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for split, marker in (("val", "o"), ("test", "s")):
+        ax.scatter(runs[f"{split}/accuracy"], runs[f"{split}/f1_macro"], marker=marker, alpha=0.7, label=split)
+    values = runs[["val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro"]].to_numpy()
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="accuracy = macro-F1")
+    ax.set(xlabel="accuracy", ylabel="macro-F1", title="accuracy vs macro-F1, all finished runs")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def pareto(trials: pd.DataFrame, on_front: pd.Series, score: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(trials.trainable_params, trials[score], color="grey", alpha=0.6, label="trials")
+    front = trials[on_front].sort_values("trainable_params")
+    ax.step(front.trainable_params, front[score], where="post", color="tab:red", lw=1.2)
+    ax.scatter(front.trainable_params, front[score], color="tab:red", label="Pareto front")
+    for _, row in front.iterrows():
+        ax.annotate(f"t{int(row.number)}", (row.trainable_params, row[score]), textcoords="offset points",
+                    xytext=(4, -10), fontsize="small")
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters", ylabel=f"{score} (best epoch)", title=f"{score} vs trainable parameters")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def distributions(scores: dict[str, pd.Series], score: str, path: Path) -> Path:
+    """Each study's complete trials side by side: a box plot, every trial drawn on top as a point."""
+    fig, ax = plt.subplots(figsize=(2.2 * len(scores) + 3, 4.5))
+    data = [s.dropna().to_numpy() for s in scores.values()]
+    ax.boxplot(data, positions=range(len(data)), widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, ys in enumerate(data):
+        ax.scatter(i + rng.uniform(-0.1, 0.1, len(ys)), ys, s=18, alpha=0.7)
+    ax.set_xticks(range(len(data)), list(scores))
+    ax.set(ylabel=f"{score} (best epoch)", title=f"{score} of complete trials by study")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def best_so_far(curves: dict[str, pd.Series], score: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, curve in curves.items():
+        ax.step(curve.index, curve.values, where="post", marker="o", ms=3, label=label)
+    ax.set(xlabel="complete trials", ylabel=f"best {score} so far", title="how fast each study found its best")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

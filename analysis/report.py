@@ -1,0 +1,261 @@
+"""The report on one study: what ran, what won, what mattered, and whether the ranking at the top is noise."""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots, stats
+from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
+from analysis.stores import StudyData, load_json, metric_history
+
+SCORE = "val/f1_macro"  # what the figures compare trials by (the best epoch's value)
+TOP = 10  # trials in the leaderboard
+CURVES = 5  # trials in the learning-curve figure
+SECTIONS = ["Summary", "Leaderboard", "Optimization history", "Parameter importance",
+            "Learning rate vs validation F1", "Validation F1 by frozen layers and head size", "Learning curves",
+            "Champion: confusion matrix and per-class scores", "Accuracy vs macro-F1",
+            "Pareto front: validation F1 vs trainable parameters", "Noise-aware comparison"]
+
+
+def slug(name: str) -> str:
+    """A study name as a folder name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(value, spec)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@contextmanager
+def staged(folder: Path):
+    """A temporary sibling folder that replaces `folder` only once the report in it is complete."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- seed groups: a trial and its re-runs with other seeds
+
+
+def seed_group(data: StudyData, number: int) -> pd.DataFrame:
+    """The finished runs of trial `number` (the trial itself and its re-runs), one per seed, by seed."""
+    trial = data.trials[(data.trials.number == number) & (data.trials.state == "COMPLETE")]
+    reruns = data.reruns[(data.reruns.rerun_of == number) & (data.reruns.status == "FINISHED")]
+    group = pd.concat([trial, reruns], ignore_index=True).dropna(subset=["test/accuracy"])
+    return group.drop_duplicates("seed").sort_values("seed", kind="stable")
+
+
+def predictions(run_ids) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The test labels and each run's test predictions, or None if a run lacks them or the test sets differ."""
+    loaded = [load_json(run_id, "evaluation/test_predictions.json") for run_id in run_ids]
+    if any(p is None for p in loaded):
+        return None
+    y_true = np.asarray(loaded[0]["y_true"])
+    if any(not np.array_equal(y_true, p["y_true"]) for p in loaded):
+        return None
+    return y_true, [np.asarray(p["y_pred"]) for p in loaded]
+
+
+def group_row(number: int, group: pd.DataFrame, resamples: int) -> dict[str, str]:
+    """n seeds, mean ± std and the bootstrap 95% CI of test accuracy and macro-F1 for trial `number`'s seeds."""
+    row = {"trial": str(number), "seeds": ", ".join(fmt(s, "g") for s in group.seed),
+           "n": str(len(group))}
+    preds = predictions(group.run_id)
+    for metric, fn in (("test/accuracy", stats.accuracy), ("test/f1_macro", stats.macro_f1)):
+        row[f"{metric} mean ± std"] = f"{group[metric].mean():.4f} ± {fmt(group[metric].std(), '.4f')}"
+        ci = stats.bootstrap_ci(preds[0], preds[1], fn, resamples) if preds else None
+        row[f"{metric} 95% CI"] = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "- (no test_predictions.json)"
+    return row
+
+
+# --- the sections
+
+
+def summary(data: StudyData) -> list:
+    t = data.trials
+    counts = t.state.value_counts()
+    states = ", ".join(f"{counts.get(s, 0)} {w}" for s, w in
+                       (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed")))
+    others = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if s not in ("COMPLETE", "PRUNED", "FAIL"))
+    best = data.complete.iloc[0]
+    pruned = t[t.state == "PRUNED"]
+    saved = (pruned.epochs - pruned.epochs_reported).sum()
+    # A retried trial continues the run of the trial it retries: count each run's time once.
+    trial_time, rerun_time = t.drop_duplicates("run_id").duration_s.sum(), data.reruns.duration_s.sum()
+    return [Heading("Summary"), Bullets([
+        f"trials: {states}" + (f" ({others})" if others else ""),
+        f"best {data.objective}: {best.value:.4f} (trial {best.number}, the champion)",
+        f"total compute time: {duration(trial_time + rerun_time)}"
+        + (f" ({duration(trial_time)} in trials, {duration(rerun_time)} in re-runs)" if len(data.reruns) else ""),
+        f"epochs saved by pruning: {saved:.0f} (planned minus run, over the pruned trials)",
+        f"re-runs with other seeds: {len(data.reruns)}"
+        + (f" of trials {', '.join(str(int(n)) for n in sorted(data.reruns.rerun_of.dropna().unique()))}"
+           if len(data.reruns) else ""),
+        f"stores: Optuna `{data.storage_url}`, "
+        f"MLflow `{data.tracking_uri}` (parent run `{data.parent_run_id}`)",
+    ])]
+
+
+def leaderboard(data: StudyData) -> list:
+    top = data.complete.head(TOP)
+    table = pd.DataFrame({
+        "trial": top.number.map(str), "lr": top.lr.map(lambda v: fmt(v, ".2e")),
+        "frozen_layers": top.frozen_layers.map(lambda v: fmt(v, ".0f")),
+        "head_size": top.head_size.map(lambda v: fmt(v, ".0f")),
+        "trainable params": top.trainable_params.map(lambda v: fmt(v, ",.0f")),
+        **{m: top[m].map(lambda v: fmt(v, ".4f"))
+           for m in ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro")},
+        "time (s)": top.duration_s.map(lambda v: fmt(v, ".1f"))})
+    caption = (f"The {len(top)} best of {len(data.complete)} complete trials by {data.objective}. val/* are the best "
+               "epoch's values (the checkpoint kept); test/* are that checkpoint's, measured once.")
+    return [Heading("Leaderboard"), Table(table, caption)]
+
+
+def search(data: StudyData, folder: Path) -> list:
+    """How the search went (history, importances) and what each hyperparameter did to the score."""
+    complete = data.complete.dropna(subset=[SCORE])  # a trial whose MLflow run is missing has no scores to plot
+    blocks = [Heading("Optimization history"),
+              Image(plots.optimization_history(data.study, data.objective, folder / "optimization_history.png"),
+                    "optimization history")]
+    blocks.append(Heading("Parameter importance"))
+    if len(complete) < 2:
+        blocks.append(Text("Parameter importance needs at least 2 complete trials; this study has "
+                           f"{len(complete)}. Run `make sweep` to add trials."))
+    else:
+        try:
+            blocks += [Image(plots.param_importances(data.study, data.objective, folder / "param_importances.png"),
+                             "parameter importances"),
+                       Text("fANOVA importance: the share of the objective's variance each hyperparameter explains "
+                            "across the complete trials.")]
+        except (ValueError, RuntimeError) as e:  # e.g. every trial sampled the same values
+            blocks.append(Text(f"Parameter importance could not be computed: {e}"))
+    blocks += [Heading("Learning rate vs validation F1"),
+               Image(plots.lr_vs_score(complete.dropna(subset=["lr"]), SCORE, folder / "lr_vs_val_f1.png"),
+                     "lr vs val F1")]
+    blocks += [Heading("Validation F1 by frozen layers and head size"),
+               Image(plots.score_by(complete, SCORE, ["frozen_layers", "head_size"], folder / "val_f1_by_group.png"),
+                     "val F1 by frozen layers and head size")]
+    return blocks
+
+
+def curves(data: StudyData, folder: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(data.tracking_uri)
+    top = data.complete.dropna(subset=["run_id"]).head(CURVES)
+    lines = {f"t{r.number:03d} (lr {fmt(r.lr, '.1e')}, frozen {fmt(r.frozen_layers, '.0f')}, "
+             f"head {fmt(r.head_size, '.0f')})": metric_history(client, r.run_id, SCORE) for r in top.itertuples()}
+    return [Heading("Learning curves"),
+            Image(plots.learning_curves(lines, SCORE, folder / "learning_curves.png"), "learning curves")]
+
+
+def champion(data: StudyData, folder: Path) -> list:
+    best = data.complete.iloc[0]
+    run_id = best.run_id
+    blocks = [Heading("Champion: confusion matrix and per-class scores")]
+    cm = load_json(run_id, "evaluation/confusion_matrix.json")
+    per_class = load_json(run_id, "evaluation/per_class_report.json")
+    if cm is None or per_class is None:
+        return blocks + [Text(f"Trial {best.number}'s run `{run_id}` has no evaluation artifacts.")]
+    blocks.append(Image(plots.confusion(cm["matrix"], cm["class_names"], f"trial {best.number}: test confusion matrix",
+                                        folder / "champion_confusion_matrix.png"), "champion confusion matrix"))
+    rows = {k: v for k, v in per_class.items() if isinstance(v, dict)}  # the classes, then macro / weighted avg
+    table = pd.DataFrame(rows).T.reset_index(names="class")
+    for col in ("precision", "recall", "f1-score"):
+        table[col] = table[col].map(lambda v: f"{v:.4f}")
+    table["support"] = table["support"].map(lambda v: f"{v:.0f}")
+    caption = (f"Trial {best.number} (the best complete trial), test set at its best epoch; "
+               f"accuracy {per_class.get('accuracy', float('nan')):.4f}.")
+    return blocks + [Table(table, caption)]
+
+
+def finished_runs(data: StudyData) -> pd.DataFrame:
+    """Every run with test metrics: complete trials and finished re-runs."""
+    runs = pd.concat([data.complete, data.reruns[data.reruns.status == "FINISHED"]], ignore_index=True)
+    return runs.dropna(subset=["test/accuracy", "val/accuracy"])
+
+
+def tradeoffs(data: StudyData, folder: Path) -> list:
+    """Accuracy against macro-F1, and the score against model size."""
+    blocks = [Heading("Accuracy vs macro-F1"),
+              Image(plots.accuracy_vs_f1(finished_runs(data), folder / "accuracy_vs_f1.png"), "accuracy vs macro-F1")]
+    sized = data.complete.dropna(subset=["trainable_params", SCORE])
+    on_front = stats.pareto_front(sized, "trainable_params", SCORE)
+    front = sized[on_front].sort_values("trainable_params")
+    table = pd.DataFrame({"trial": front.number.map(str),
+                          "trainable params": front.trainable_params.map(lambda v: f"{v:,.0f}"),
+                          SCORE: front[SCORE].map(lambda v: f"{v:.4f}"),
+                          "test/f1_macro": front["test/f1_macro"].map(lambda v: fmt(v, ".4f"))})
+    return blocks + [Heading("Pareto front: validation F1 vs trainable parameters"),
+                     Image(plots.pareto(sized, on_front, SCORE, folder / "pareto_front.png"), "Pareto front"),
+                     Table(table, "No other complete trial is both smaller (or as small) and better on "
+                                  f"{SCORE}.")]
+
+
+def noise(data: StudyData, resamples: int) -> list:
+    blocks = [Heading("Noise-aware comparison")]
+    rerun = set(data.reruns.rerun_of.dropna().astype(int))
+    groups = {n: seed_group(data, n) for n in data.complete.number if n in rerun}  # best trial first
+    if groups:
+        table = pd.DataFrame([group_row(n, g, resamples) for n, g in groups.items()])
+        blocks.append(Table(table, f"Each trial re-trained with other seeds (same data, same test set). 95% CI: "
+                                   f"percentile bootstrap over test images ({resamples} resamples, seed "
+                                   f"{stats.SEED}) of the mean over seeds."))
+    else:
+        blocks.append(Text("No re-runs yet: every number above comes from a single training run, so a gap of a point "
+                           "or two between trials may be seed noise. `make confirm` re-trains the top trials with "
+                           "other seeds; the next `make report` then shows, per trial, mean ± std over seeds and "
+                           "bootstrap 95% confidence intervals here."))
+    return blocks + mcnemar(data)
+
+
+def mcnemar(data: StudyData) -> list:
+    """McNemar's exact test between the best and the runner-up trial, on their test predictions."""
+    top = data.complete.head(2)
+    if len(top) < 2:
+        return [Text("McNemar's test between the best and the runner-up trial needs 2 complete trials.")]
+    a, b = (int(n) for n in top.number)
+    preds = predictions(top.run_id)
+    if preds is None:
+        return [Text(f"McNemar's test needs evaluation/test_predictions.json in the runs of trials {a} and {b}.")]
+    y_true, (pred_a, pred_b) = preds
+    test = stats.mcnemar(y_true, pred_a, pred_b)
+    return [Text(f"McNemar's exact test, best trial {a} vs runner-up {b} on the same {len(y_true)} test images "
+                 f"(one seed each): only trial {a} right on {test.a_only}, only trial {b} right on {test.b_only}. "
+                 f"Verdict: {stats.mcnemar_sentence(a, b, test)}.")]
+
+
+def study_report(data: StudyData, folder: Path, resamples: int = stats.RESAMPLES) -> Report:
+    report = Report(f"Study report: {data.name}")
+    report.add(*summary(data), *leaderboard(data), *search(data, folder), *curves(data, folder),
+               *champion(data, folder), *tradeoffs(data, folder), *noise(data, resamples))
+    return report
+
+
+def build(data: StudyData, out: Path, resamples: int = stats.RESAMPLES) -> Path:
+    """Write reports/<study>/ (report.md, report.html, PNGs) and log it to the study's parent run under report/."""
+    from mlflow.tracking import MlflowClient
+
+    folder = out / slug(data.name)
+    with staged(folder) as tmp:
+        write(study_report(data, tmp, resamples), tmp)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    MlflowClient(data.tracking_uri).log_artifacts(data.parent_run_id, str(folder), artifact_path="report")
+    return folder

@@ -1,0 +1,153 @@
+"""Load one study from its two stores: Optuna (trial states, values) and MLflow (params, metrics, artifacts).
+
+Store locations follow fine_tune's defaults (SQLite files under the runs directory) unless OPTUNA_STORAGE /
+MLFLOW_TRACKING_URI point elsewhere. Nothing here writes to a store, and a missing SQLite file is reported
+instead of being created empty.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+ROLE = "tags.fine_tune.role"
+
+# MLflow columns -> report columns. Metric names stay in the project's one vocabulary; the val/* columns are
+# the best epoch's (`best/val/*`), the values the checkpoint, the test metrics and Optuna's objective refer to.
+COLUMNS = {
+    "params.lr": "lr", "params.frozen_layers": "frozen_layers", "params.head_size": "head_size",
+    "params.weight_decay": "weight_decay", "params.batch_size": "batch_size", "params.epochs": "epochs",
+    "params.seed": "seed", "params.trainable_params": "trainable_params",
+    "metrics.best/val/accuracy": "val/accuracy", "metrics.best/val/f1_macro": "val/f1_macro",
+    "metrics.test/accuracy": "test/accuracy", "metrics.test/f1_macro": "test/f1_macro",
+    "metrics.best_epoch": "best_epoch", "metrics.epochs_run": "epochs_run",
+}
+
+
+class StoreError(ValueError):
+    """A study that cannot be reported on; the message names the study and the fix."""
+
+
+@dataclass
+class StudyData:
+    """One study as the stores hold it."""
+
+    name: str
+    study: optuna.Study
+    storage_url: str
+    tracking_uri: str
+    parent_run_id: str
+    trials: pd.DataFrame  # one row per Optuna trial, joined with its MLflow run (report columns, see COLUMNS)
+    reruns: pd.DataFrame  # one row per re-run (`make confirm`): rerun_of, seed and the report columns
+    objective: str
+
+    @property
+    def complete(self) -> pd.DataFrame:
+        """Complete trials, best objective value first."""
+        return self.trials[self.trials.state == "COMPLETE"].sort_values(["value", "number"],
+                                                                        ascending=[False, True])
+
+
+def optuna_url(runs_dir: str | Path) -> str:
+    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"
+
+
+def tracking_uri(runs_dir: str | Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db"
+
+
+def _require_sqlite_file(url: str, what: str, study: str) -> None:
+    """Opening a missing SQLite file would create an empty store; say where we looked instead."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise StoreError(f"study {study!r}: no {what} at {url.removeprefix('sqlite:///')}; run `make sweep` first "
+                         "or pass --runs-dir pointing at the sweep's runs directory")
+
+
+def load_study(name: str, runs_dir: str | Path = "runs") -> StudyData:
+    """The study `name` from both stores, or a StoreError saying what is missing and how to fix it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url, uri = optuna_url(runs_dir), tracking_uri(runs_dir)
+    _require_sqlite_file(url, "Optuna storage", name)
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as e:  # sqlalchemy's OperationalError, a missing driver, a file that is not an Optuna store...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise StoreError(f"study {name!r}: Optuna storage {url} is unusable ({first}); start the database or fix "
+                         "OPTUNA_STORAGE / --runs-dir") from None
+    if name not in names:
+        raise StoreError(f"study {name!r} is not in {url} (studies there: {', '.join(names) or 'none'}); "
+                         "check the name (the `study:` key of the experiment YAML) or run `make sweep`")
+    study = optuna.load_study(study_name=name, storage=url)
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        raise StoreError(f"study {name!r} has no finished trials yet; run `make sweep` until one completes")
+
+    _require_sqlite_file(uri, "MLflow store", name)
+    mlflow.set_tracking_uri(uri)  # mlflow.search_runs and runs:/ artifact URIs resolve against it
+    experiment = MlflowClient(uri).get_experiment_by_name(name)
+    if experiment is None:
+        raise StoreError(f"study {name!r} has no MLflow experiment in {uri}; point MLFLOW_TRACKING_URI or "
+                         "--runs-dir at the store the sweep logged to")
+    runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *COLUMNS, ROLE, "tags.optuna.trial_number",
+                                                    "tags.fine_tune.rerun_of", "tags.fine_tune.seed"])))
+    parents = runs[runs[ROLE] == "study"]
+    if parents.empty:
+        raise StoreError(f"study {name!r}: the MLflow experiment in {uri} has no parent run "
+                         "(tag fine_tune.role=study); was it logged by `make sweep`?")
+    parent_run_id = parents.sort_values("start_time").run_id.iloc[0]  # the earliest, as fine_tune settles on it
+    runs["duration_s"] = (runs.end_time - runs.start_time).dt.total_seconds()
+    runs = runs.rename(columns=COLUMNS)
+    for col in COLUMNS.values():
+        runs[col] = pd.to_numeric(runs[col], errors="coerce")
+
+    return StudyData(name=name, study=study, storage_url=url, tracking_uri=uri, parent_run_id=parent_run_id,
+                     trials=_trials(study, runs[runs[ROLE] == "trial"]), reruns=_reruns(runs[runs[ROLE] == "rerun"]),
+                     objective=study.user_attrs.get("objective", "val/f1_macro"))
+
+
+def _trials(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
+    """Optuna's view of each trial (state, value, epochs reported) beside its MLflow run's columns."""
+    by_number = runs.dropna(subset=["tags.optuna.trial_number"]).drop_duplicates("tags.optuna.trial_number")
+    by_number = dict(zip(by_number["tags.optuna.trial_number"].astype(int), by_number.run_id))
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        # The trial's own record of its run; a retried trial carries the run id of the run it continued.
+        run_id = t.user_attrs.get("mlflow_run_id") or by_number.get(t.number)
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "run_id": run_id,
+                     "epochs_reported": max(t.intermediate_values, default=np.nan)})
+    trials = pd.DataFrame(rows).merge(runs[["run_id", "status", "duration_s", *COLUMNS.values()]],
+                                      on="run_id", how="left")
+    return trials.sort_values("number").reset_index(drop=True)
+
+
+def _reruns(runs: pd.DataFrame) -> pd.DataFrame:
+    reruns = runs.assign(rerun_of=pd.to_numeric(runs["tags.fine_tune.rerun_of"], errors="coerce"),
+                         seed=pd.to_numeric(runs["tags.fine_tune.seed"], errors="coerce").fillna(runs.seed))
+    return reruns[["run_id", "rerun_of", "status", "duration_s", *COLUMNS.values()]].reset_index(drop=True)
+
+
+def metric_history(client, run_id: str, key: str) -> pd.Series:
+    """A run's metric `key` by epoch (MLflow step)."""
+    history = client.get_metric_history(run_id, key)
+    return pd.Series({m.step: m.value for m in history}, name=key, dtype=float).sort_index()
+
+
+def load_json(run_id: str, path: str) -> dict | None:
+    """A JSON artifact of a run, or None if the run never logged it (e.g. written by an older fine_tune)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError):
+        return None

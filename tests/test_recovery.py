@@ -1,0 +1,129 @@
+"""Nothing lost when a run stops early: epoch checkpoints, Ctrl-C / SIGTERM, and a worker killed with SIGKILL."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from fine_tune.data import splits_for
+from fine_tune.sweep import make_storage
+from fine_tune.train import train
+
+from conftest import cli_env, write_experiment
+
+
+def untimed(d):
+    return {k: v for k, v in d.items() if not k.startswith("time/")}
+
+
+def test_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path):
+    cfg = tiny(epochs=4)
+    splits = splits_for(cfg)
+    straight = train(cfg, splits)
+
+    def crash(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, splits, on_epoch=crash, state_path=state)
+    epochs = []
+    resumed = train(cfg, splits, on_epoch=lambda e, m: epochs.append(e), state_path=state)
+    assert epochs == [3, 4]  # continued, not restarted
+    assert [untimed(h) for h in resumed.history] == [untimed(h) for h in straight.history]
+    assert untimed(resumed.metrics) == untimed(straight.metrics)
+
+
+def start_sweep(tmp_path, *args, **env):
+    return subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", *args], cwd=tmp_path,
+                            env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def stores(tmp_path, study):
+    runs = tmp_path / "runs"
+    mlflow.set_tracking_uri(f"sqlite:///{runs.resolve()}/mlflow.db")
+    df = mlflow.search_runs(experiment_names=[study])
+    optuna_study = optuna.load_study(study_name=study, storage=make_storage(f"sqlite:///{runs.resolve()}/optuna.db"))
+    return df, optuna_study
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny_backbone, sig, code, word):
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="stop", budget=200, epochs=40, n_trials=1)
+    state = tmp_path / "runs" / "trial_state" / "stop" / "t000.pt"
+    proc = start_sweep(tmp_path)
+    wait_for(state.exists)
+    time.sleep(0.3)  # a few epochs in
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert word in err and "Traceback" not in err
+
+    df, study = stores(tmp_path, "stop")
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[1].params == study.trials[0].params
+    run = df[df["tags.mlflow.runName"] == "stop/t000"].iloc[0]
+    assert run.status == "KILLED" and "interrupted" in run["tags.fine_tune.reason"]
+    assert df[df["tags.fine_tune.role"] == "study"].status.iloc[0] == "KILLED"
+    assert state.exists()  # the epoch checkpoint is kept for the resume
+    done = len(mlflow.MlflowClient().get_metric_history(run.run_id, "val/f1_macro"))
+
+    # the next sweep picks the re-queued trial and continues its run from the last epoch
+    proc = start_sweep(tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    df, study = stores(tmp_path, "stop")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    runs = df[df["tags.fine_tune.role"] == "trial"]
+    assert len(runs) == 1 and runs.status.iloc[0] == "FINISHED" and runs["tags.optuna.retry_trial_number"].iloc[0] == "1"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.run_id.iloc[0], "val/f1_macro")]
+    assert done >= 1 and sorted(set(steps)) == list(range(1, 41))
+    assert len(steps) - len(set(steps)) <= 1  # resumed: at most the epoch in flight was logged twice
+    assert not state.exists()
+    assert "RUNNING" not in set(df.status)
+
+
+def worker_pids(launcher: int) -> list[int]:
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_is_failed_requeued_and_closed(tmp_path, tiny_backbone):
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="kill", budget=100, epochs=15, n_trials=6)
+    states = tmp_path / "runs" / "trial_state" / "kill"
+    proc = start_sweep(tmp_path, "--workers", "2")
+    wait_for(lambda: states.exists() and any(states.iterdir()))
+    victim = worker_pids(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "workers died" in err, err
+
+    df, study = stores(tmp_path, "kill")
+    states_now = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states_now and "RUNNING" not in set(df.status)
+    finished = [s for s in states_now if s in ("COMPLETE", "PRUNED")]
+    assert len(finished) >= 6  # the surviving worker still delivered the requested trials
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 1
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params
+    run = df[df.run_id == failed[0].user_attrs["mlflow_run_id"]].iloc[0]
+    assert run.status in ("FAILED", "FINISHED")  # closed when reaped; FINISHED if the retry already ran
+    assert "stopped heartbeating" in run["tags.fine_tune.reason"]

@@ -1,0 +1,131 @@
+"""Several workers on one study: local SQLite, and PostgreSQL + an MLflow tracking server on loopback.
+
+Tests that need PostgreSQL fail (not skip) when CI=true and the server is unreachable.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fine_tune.sweep import make_storage
+
+from conftest import cli_env, write_experiment
+
+PG = "postgresql://127.0.0.1:5432"
+
+
+def sweep(tmp_path, *args, timeout=600, **env):
+    return subprocess.run([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", *args], cwd=tmp_path,
+                          env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def check_tree(client, experiment, n):
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("fine_tune.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("fine_tune.role") == "trial"]
+    assert len(parents) == 1 and len(children) == n
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == list(range(n))
+    for r in children[:5]:
+        assert len(client.get_metric_history(r.info.run_id, "val/f1_macro")) == 2
+    return children
+
+
+@pytest.mark.slow
+def test_two_local_workers_share_a_sqlite_study(tmp_path, tiny_backbone):
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="local2", n_trials=8)
+    p = sweep(tmp_path, "--workers", "2")
+    assert p.returncode == 0, p.stderr
+    assert "locked" not in p.stderr
+    runs = (tmp_path / "runs").resolve()
+    study = optuna.load_study(study_name="local2", storage=make_storage(f"sqlite:///{runs}/optuna.db"))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 8
+    client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    check_tree(client, client.get_experiment_by_name("local2"), 8)
+
+
+def postgres_or_fail():
+    try:
+        import psycopg
+
+        conn = psycopg.connect(f"{PG}/postgres", connect_timeout=3, autocommit=True)
+    except Exception as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {PG} is unreachable in CI: {e}")
+        pytest.skip(f"PostgreSQL at {PG} is unreachable: {e}")
+    return conn
+
+
+@pytest.fixture
+def pg_databases():
+    """Two fresh databases (Optuna's and MLflow's), dropped afterwards."""
+    conn = postgres_or_fail()
+    names = [f"ft_test_{uuid.uuid4().hex[:8]}_{kind}" for kind in ("optuna", "mlflow")]
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"CREATE DATABASE {name}")
+    yield [f"{PG}/{name}" for name in names]
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(pg_databases, tmp_path):
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", pg_databases[1],
+                             "--artifacts-destination", str(tmp_path / "served-artifacts"), "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                            env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_four_workers_on_postgres_and_a_tracking_server(tmp_path, tiny_backbone, pg_databases, mlflow_server):
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="pg4x10", n_trials=40)
+    start = time.monotonic()
+    p = sweep(tmp_path, "--workers", "4", OPTUNA_STORAGE=pg_databases[0], MLFLOW_TRACKING_URI=mlflow_server)
+    elapsed = time.monotonic() - start
+    assert p.returncode == 0, p.stderr[-3000:]
+    study = optuna.load_study(study_name="pg4x10", storage=pg_databases[0])
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 40  # zero errors
+    client = MlflowClient(mlflow_server)
+    children = check_tree(client, client.get_experiment_by_name("pg4x10"), 40)
+    # artifacts went through the server into its artifact store
+    assert any((tmp_path / "served-artifacts").rglob("best.pt"))
+    champion = client.get_model_version_by_alias("pg4x10", "champion")
+    assert float(champion.tags["objective_value"]) == pytest.approx(study.best_value)
+    print(f"\n4 workers x 40 trials on PostgreSQL + MLflow server: {elapsed:.1f}s, "
+          f"{40 / elapsed * 60:.1f} trials/min, {len(children)} child runs")
