@@ -11,6 +11,13 @@ DASHBOARD_PORT ?= 8080
 # The stores: local SQLite files under runs/ unless these point elsewhere (PostgreSQL, an MLflow server).
 MLFLOW_TRACKING_URI ?= sqlite:///runs/mlflow.db
 OPTUNA_STORAGE ?= sqlite:///runs/optuna.db
+WORKERS ?=
+STUDY ?= $(shell sed -n 's/^study: *//p' $(EXPERIMENT) | tr -d "\"'")
+STUDIES ?=
+TOP_K ?= 3
+SEEDS ?= 3
+# `make server`: an MLflow tracking server backed by PostgreSQL, serving artifacts from runs/server-artifacts.
+SERVER_DB ?= postgresql://127.0.0.1:5432/fine_tune_mlflow
 # The venv is keyed on the hash of requirements.txt: unchanged pins -> nothing to install.
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -18,7 +25,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain train sweep ui dashboard test clean distclean
+.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm compare test clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,8 +46,17 @@ pretrain: data ## pretrain the backbone of EXPERIMENT on its source task (cached
 train: data ## fine-tune once per EXPERIMENT and print the final table (ARGS="--set lr=0.01" to override)
 	$(PY) -m fine_tune train --config $(EXPERIMENT) $(ARGS)
 
-sweep: data ## run or resume the Optuna study of EXPERIMENT, every trial tracked in MLflow (N_TRIALS=n)
-	$(PY) -m fine_tune sweep --config $(EXPERIMENT) $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(ARGS)
+sweep: data ## run or resume the Optuna study of EXPERIMENT, every trial tracked in MLflow (N_TRIALS=n, WORKERS=n)
+	$(PY) -m fine_tune sweep --config $(EXPERIMENT) $(if $(WORKERS),--workers $(WORKERS)) $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(ARGS)
+
+worker: data ## join a shared study from any machine: make worker OPTUNA_STORAGE=postgresql://... MLFLOW_TRACKING_URI=http://...
+	@case "$(OPTUNA_STORAGE)" in sqlite*) echo "error: set OPTUNA_STORAGE to a shared database (postgresql://...)"; exit 2;; esac
+	$(PY) -m fine_tune sweep --config $(EXPERIMENT) $(if $(WORKERS),--workers $(WORKERS)) $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(ARGS)
+
+server: venv ## MLflow tracking server on PostgreSQL (SERVER_DB) with artifact serving, on http://127.0.0.1:5000
+	@$(PY) -c "import psycopg,sys; u='$(SERVER_DB)'; c=psycopg.connect(u.rsplit('/',1)[0]+'/postgres', autocommit=True); n=u.rsplit('/',1)[1]; c.execute('select 1 from pg_database where datname=%s',(n,)).fetchone() or c.execute(f'CREATE DATABASE {n}')"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(SERVER_DB) \
+	  --serve-artifacts --artifacts-destination runs/server-artifacts --host $(HOST) --port $(UI_PORT) --workers 2
 
 ui: venv ## MLflow UI over the same store, on http://127.0.0.1:5000 (HOST/UI_PORT to change)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_TRACKING_URI) \
@@ -48,6 +64,15 @@ ui: venv ## MLflow UI over the same store, on http://127.0.0.1:5000 (HOST/UI_POR
 
 dashboard: venv ## optuna-dashboard over the same Optuna storage, on http://127.0.0.1:8080
 	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)
+
+report: venv ## write reports/<study>/report.{md,html} for EXPERIMENT's study (also logged to its MLflow parent run)
+	$(PY) -m analysis report --study $(STUDY) $(ARGS)
+
+confirm: data ## re-train the top TOP_K trials with SEEDS new seeds (then `make report` adds CIs and McNemar)
+	$(PY) -m fine_tune confirm --config $(EXPERIMENT) --top-k $(TOP_K) --seeds $(SEEDS)
+
+compare: venv ## compare studies side by side: make compare STUDIES="a b" -> reports/compare-a-b/
+	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)
 
 test: data ## run the test suite (real data slices, real stores)
 	$(PY) -m pytest -q $(ARGS)

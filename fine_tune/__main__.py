@@ -1,4 +1,4 @@
-"""python -m fine_tune {data,pretrain,train,sweep,keys} [--config experiments/X.yaml] [--set key=value ...]
+"""python -m fine_tune {data,pretrain,train,sweep,confirm,keys} [--config experiments/X.yaml] [--set key=value ...]
 
 Bad input (config, data, checkpoint) ends with one line on stderr and exit code 2, before anything is written.
 """
@@ -99,6 +99,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_confirm(args) -> int:
+    from fine_tune.confirm import confirm
+
+    cfg = _config(args)
+    added = confirm(cfg, args.top_k, args.seeds)
+    print(f"{added} re-runs added to {cfg.study}; `make report` now shows mean ± std, 95% CIs and McNemar's test")
+    return 0
+
+
 def cmd_keys(args) -> int:
     print("config keys (YAML or --set key=value):\n" + describe_keys())
     return 0
@@ -111,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("pretrain", cmd_pretrain, "pretrain the backbone on the source task (cached)"),
                             ("train", cmd_train, "fine-tune once and print the final table"),
                             ("sweep", cmd_sweep, "run or resume the Optuna study of the experiment"),
+                            ("confirm", cmd_confirm, "re-train the study's top trials with new seeds"),
                             ("keys", cmd_keys, "list every config key with its default")):
         p = sub.add_parser(name, help=help_)
         p.set_defaults(fn=fn)
@@ -118,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         if name == "train":
             p.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
+        if name == "confirm":
+            p.add_argument("--top-k", type=int, default=3, help="how many of the best trials to re-train")
+            p.add_argument("--seeds", type=int, default=3, help="new seeds per trial")
         if name == "sweep":
             p.add_argument("--n-trials", type=int, help="finished trials to add in this run (default: sweep.n_trials)")
             p.add_argument("--workers", type=int, help="worker processes sharing the study (default: sweep.workers)")

@@ -332,7 +332,7 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
     # finished trials; in-flight trials of other workers count as claimed until they finish or go stale.
     lock = ClaimLock(storage_url(cfg), cfg.study, cfg.runs_dir)
     objective = Objective(cfg, splits, backbone, tracker, on_start=lock.release)
-    started, attempts, waited_since = time.monotonic(), 0, None
+    started, attempts, waited_since, last_seen = time.monotonic(), 0, None, -1
     # How long to wait on other workers' trials: a trial of this study, or a dead worker's grace period, at most.
     patience_s = 3 * (cfg.sweep.grace_period + cfg.sweep.heartbeat_interval) + 600
     try:
@@ -343,7 +343,8 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
                 break
             if finished + running >= target:  # wait for the others' trials (or for a dead worker's to go stale)
                 lock.release()
-                waited_since = waited_since or time.monotonic()
+                if waited_since is None or finished != last_seen:  # progress resets the clock
+                    waited_since, last_seen = time.monotonic(), finished
                 if time.monotonic() - waited_since > patience_s:
                     log(f"stopping: {running} trial(s) of other workers made no progress for {patience_s:.0f}s")
                     break
