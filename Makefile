@@ -18,6 +18,7 @@ TOP_K ?= 3
 SEEDS ?= 3
 # `make server`: an MLflow tracking server backed by PostgreSQL, serving artifacts from runs/server-artifacts.
 SERVER_DB ?= postgresql://127.0.0.1:5432/fine_tune_mlflow
+SERVER_ARGS ?=
 # The venv is keyed on the hash of requirements.txt: unchanged pins -> nothing to install.
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -56,7 +57,7 @@ worker: data ## join a shared study from any machine: make worker OPTUNA_STORAGE
 server: venv ## MLflow tracking server on PostgreSQL (SERVER_DB) with artifact serving, on http://127.0.0.1:5000
 	@$(PY) -c "import psycopg,sys; u='$(SERVER_DB)'; c=psycopg.connect(u.rsplit('/',1)[0]+'/postgres', autocommit=True); n=u.rsplit('/',1)[1]; c.execute('select 1 from pg_database where datname=%s',(n,)).fetchone() or c.execute(f'CREATE DATABASE {n}')"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(SERVER_DB) \
-	  --serve-artifacts --artifacts-destination runs/server-artifacts --host $(HOST) --port $(UI_PORT) --workers 2
+	  --serve-artifacts --artifacts-destination runs/server-artifacts --host $(HOST) --port $(UI_PORT) --workers 2 $(SERVER_ARGS)
 
 ui: venv ## MLflow UI over the same store, on http://127.0.0.1:5000 (HOST/UI_PORT to change)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_TRACKING_URI) \

@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -178,6 +179,7 @@ class Objective:
         cfg = self.cfg
         params = suggest(trial, cfg)
         trial_cfg = Config.model_validate({**cfg.model_dump(), **params})
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who runs it, for debugging
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial it continues
         state = self.state_path(trial.number if original is None else original)

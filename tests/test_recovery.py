@@ -99,19 +99,28 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     assert "RUNNING" not in set(df.status)
 
 
-def worker_pids(launcher: int) -> list[int]:
-    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+def pid_running_a_trial(tmp_path, study_name: str) -> int:
+    """The pid of a worker in the middle of a trial: past its first epoch checkpoint, as recorded by the trial."""
+    states = tmp_path / "runs" / "trial_state" / study_name
+    wait_for(states.exists)  # the sweep has created its stores and started a trial
+    storage = make_storage(f"sqlite:///{(tmp_path / 'runs').resolve()}/optuna.db")
+    found = []
+
+    def running():
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        found[:] = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                    if "worker" in t.user_attrs and (states / f"t{t.number:03d}.pt").exists()]
+        return bool(found)
+
+    wait_for(running)
+    return int(found[0].user_attrs["worker"].rsplit(":", 1)[1])
 
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_failed_requeued_and_closed(tmp_path, tiny_backbone):
     write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="kill", budget=100, epochs=15, n_trials=6)
-    states = tmp_path / "runs" / "trial_state" / "kill"
     proc = start_sweep(tmp_path, "--workers", "2")
-    wait_for(lambda: states.exists() and any(states.iterdir()))
-    victim = worker_pids(proc.pid)[0]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(pid_running_a_trial(tmp_path, "kill"), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "workers died" in err, err
 

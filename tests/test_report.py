@@ -19,10 +19,8 @@ from mlflow.tracking import MlflowClient
 from analysis import compare, report, stats
 from analysis.__main__ import main
 from fine_tune.config import Config
-from fine_tune.data import splits_for
-from fine_tune.sweep import run_sweep, storage_url
-from fine_tune.tracking import StudyTracker
-from fine_tune.train import train
+from fine_tune.confirm import confirm
+from fine_tune.sweep import run_sweep
 
 RESAMPLES = 200  # the CLI's --resamples: enough for an interval in a test, a tenth of the default's time
 SEEDS = (1, 2)  # the re-runs' seeds; the trials themselves ran with seed 0
@@ -38,22 +36,6 @@ def tiny_study(runs: Path, study: str, n_trials: int, backbone: str) -> Config:
                   sweep={"n_trials": n_trials, "pruner": "none"})
 
 
-def rerun(cfg: Config, trial: optuna.trial.FrozenTrial, seeds) -> None:
-    """What `make confirm` records: the trial's config trained again with other seeds, as tagged child runs."""
-    splits, tracker = splits_for(cfg), StudyTracker(cfg.study, cfg.runs_dir)
-    for seed in seeds:
-        run_cfg = Config.model_validate({**cfg.model_dump(), **trial.params, "seed": seed})
-        run = tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}",
-                                {"fine_tune.role": "rerun", "fine_tune.rerun_of": str(trial.number),
-                                 "fine_tune.seed": str(seed)},
-                                {**trial.params, "seed": seed, "epochs": cfg.epochs,
-                                 "trainable_params": trial.user_attrs["trainable_params"]})
-        result = train(run_cfg, splits, cfg.pretrained, tracker=run)
-        run.log_result(result)
-        run.end("FINISHED", "COMPLETE")
-    tracker.close()
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_backbone):
     """Study rep-a (4 trials, its top two re-run with 2 more seeds each) and rep-b (3 trials), one runs dir."""
@@ -62,10 +44,8 @@ def stores(tmp_path_factory, tiny_backbone):
     env.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path_factory.mktemp("report") / "runs"
     a = tiny_study(runs, "rep-a", 4, tiny_backbone[0])
-    study = run_sweep(a, progress=False, log=lambda s: None)
-    ranked = sorted(study.get_trials(states=[optuna.trial.TrialState.COMPLETE]), key=lambda t: -t.value)
-    for trial in ranked[:2]:
-        rerun(a, trial, SEEDS)
+    run_sweep(a, progress=False, log=lambda s: None)
+    assert confirm(a, top_k=2, seeds=len(SEEDS), log=lambda s: None) == 4  # what `make confirm` records
     run_sweep(tiny_study(runs, "rep-b", 3, tiny_backbone[0]), progress=False, log=lambda s: None)
     yield runs
     env.undo()
