@@ -303,7 +303,8 @@ def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
 
 
 def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, worker: int = 0,
-         tracker: StudyTracker | None = None, progress: bool = False, log: Callable[[str], None] = print) -> None:
+         tracker: StudyTracker | None = None, backbone: str | None = None, progress: bool = False,
+         log: Callable[[str], None] = print) -> None:
     """One worker: run trials of the study until it holds `target` finished (complete or pruned) trials.
 
     The parent run is the launcher's to close; a worker only adds child runs under it.
@@ -315,7 +316,7 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
     # Optuna would log a traceback per failed trial; we say it in one line below and keep the reason in MLflow.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     splits = splits_for(cfg)
-    backbone = backbone_for(cfg, log)
+    backbone = backbone or backbone_for(cfg, log)
     study = open_study(cfg, seed_offset=1000 * worker)
     tracker = tracker or StudyTracker(cfg.study, cfg.runs_dir)
     bar = tqdm(total=target, initial=_finished(study), desc=cfg.study, unit="trial", disable=not progress,
@@ -460,9 +461,9 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     status = "KILLED"
     try:
-        backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
+        backbone = backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
         if workers <= 1:
-            work(cfg, target, max_trials, tracker=tracker, progress=progress, log=log)
+            work(cfg, target, max_trials, tracker=tracker, backbone=backbone, progress=progress, log=log)
         else:
             _run_workers(cfg, target, max_trials, workers, progress)
         status = "FINISHED"
