@@ -5,6 +5,7 @@ honouring `should_prune`. Rerunning a sweep loads the same study (`load_if_exist
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import math
@@ -28,7 +29,7 @@ from fine_tune.config import Config
 from fine_tune.data import Splits, splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.pretrain import backbone_for
-from fine_tune.tracking import StudyTracker, check_reachable, close_run, default_uri
+from fine_tune.tracking import StudyTracker, check_reachable, close_run, default_uri, interrupt
 from fine_tune.train import train
 
 GRID_LR_POINTS = 5  # a grid over a continuous lr range takes this many log-spaced points
@@ -283,8 +284,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (the trial is closed and re-queued) but exiting with 143."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    interrupt(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C and SIGTERM stop the sweep cleanly: never inside a store write, and the trial is re-queued."""
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -427,9 +439,9 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int) -> None:
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        work(cfg, target, max_trials, threads, worker, log=lambda s: None)
+        with interruptible():
+            work(cfg, target, max_trials, threads, worker, log=lambda s: None)
     except KeyboardInterrupt:
         sys.exit(143)
 
@@ -458,17 +470,16 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     log(f"study {cfg.study}: {len(study.trials)} trials so far in {storage_url(cfg)}; running until {n} more finish"
         f"{f' (timeout {cfg.sweep.timeout:g}s)' if cfg.sweep.timeout else ''} with {workers} worker(s) | "
         f"MLflow {tracker.uri}")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     status = "KILLED"
     try:
-        backbone = backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
-        if workers <= 1:
-            work(cfg, target, max_trials, tracker=tracker, backbone=backbone, progress=progress, log=log)
-        else:
-            _run_workers(cfg, target, max_trials, workers, progress)
-        status = "FINISHED"
+        with interruptible():
+            backbone = backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
+            if workers <= 1:
+                work(cfg, target, max_trials, tracker=tracker, backbone=backbone, progress=progress, log=log)
+            else:
+                _run_workers(cfg, target, max_trials, workers, progress)
+            status = "FINISHED"
     finally:
-        signal.signal(signal.SIGTERM, previous)
         tracker.close(status)
     return optuna.load_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)))
 

@@ -7,6 +7,7 @@ an explicit parent id so workers in other processes attach to the same tree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -18,6 +19,42 @@ from typing import Any, Protocol
 
 PARENT_TAG = "fine_tune.role"
 CHAMPION = "champion"
+
+
+# --- Ctrl-C / SIGTERM never land inside a store write
+# An interrupt raised in the middle of an SQLite write can leave this process holding the database lock, and the
+# cleanup that follows (closing the run as KILLED) then waits on itself. The sweep's signal handlers call
+# `interrupt`, which defers the exception until the write in progress has finished.
+_shield = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def shielded():
+    _shield["depth"] += 1
+    try:
+        yield
+    finally:
+        _shield["depth"] -= 1
+        if _shield["depth"] == 0 and _shield["pending"] is not None:
+            exc, _shield["pending"] = _shield["pending"], None
+            raise exc
+
+
+def interrupt(exc: BaseException) -> None:
+    """Raise `exc` now, or as soon as the store write in progress is done."""
+    if _shield["depth"]:
+        _shield["pending"] = exc
+    else:
+        raise exc
+
+
+def _writes(method):
+    """Mark a method that writes to the stores: interrupts wait until it returns."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with shielded():
+            return method(*args, **kwargs)
+    return wrapper
 
 
 class TrackingError(RuntimeError):
@@ -68,6 +105,7 @@ class RunTracker:
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
 
+    @_writes
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -75,17 +113,20 @@ class RunTracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 
+    @_writes
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step or 0) for k, v in metrics.items()])
 
+    @_writes
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_writes
     def log_result(self, result) -> None:
         """The end of a finished run: test metrics, per-class F1, best-epoch checkpoint, confusion matrix."""
         import torch
@@ -110,12 +151,14 @@ class RunTracker:
                          "test_predictions.json"):
                 self.client.log_artifact(self.run_id, str(tmp / name), "evaluation")
 
+    @_writes
     def end(self, status: str, state: str, reason: str | None = None) -> None:
         tags = {"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {})
         self.set_tags(tags)
         self.client.set_terminated(self.run_id, status=status)
 
 
+@_writes
 def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> None:
     """Close a run from outside the process that ran it (a worker that died)."""
     from mlflow.tracking import MlflowClient
@@ -191,6 +234,7 @@ class StudyTracker:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
+    @_writes
     def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> RunTracker:
         """A child run of the study's parent, created with an explicit parent id (works from any process)."""
         run = self.client.create_run(self.experiment_id, run_name=name,
@@ -204,6 +248,7 @@ class StudyTracker:
         return self.start_run(f"{self.study_name}/t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
                                                                    "optuna.trial_state": "RUNNING"}, params)
 
+    @_writes
     def reopen(self, run_id: str, retry_number: int) -> RunTracker:
         """Continue a trial's run after its worker died: the retry logs into the same run."""
         self.client.update_run(run_id, status="RUNNING")
@@ -211,12 +256,14 @@ class StudyTracker:
         run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number})
         return run
 
+    @_writes
     def summarise(self, summary: dict[str, Any]) -> None:
         """Refresh the parent run's summary (best value and params, counts by state)."""
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
         self.parent.set_tags({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
 
+    @_writes
     def promote(self, child: RunTracker, model, value: float, objective: str, trial_number: int) -> bool:
         """Register `model` as the study's champion if `value` beats the current champion's; say whether it did."""
         import mlflow
@@ -249,5 +296,6 @@ class StudyTracker:
         except MlflowException:  # no registered model or no alias yet
             return None
 
+    @_writes
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent.run_id, status=status)
