@@ -26,7 +26,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm compare test clean distclean
+.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm compare bench test clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ confirm: data ## re-train the top TOP_K trials with SEEDS new seeds (then `make 
 
 compare: venv ## compare studies side by side: make compare STUDIES="a b" -> reports/compare-a-b/
 	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)
+
+bench: data ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning) -> reports/bench.md
+	$(PY) -m fine_tune bench $(ARGS)
 
 test: data ## run the test suite (real data slices, real stores)
 	$(PY) -m pytest -q $(ARGS)

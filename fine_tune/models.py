@@ -45,8 +45,9 @@ class Net(nn.Module):
         self.head = make_head(features, num_classes, head_size)
         self.frozen = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.backbone:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits; `start=k` takes the output of the first k backbone layers instead of images."""
+        for layer in self.backbone[start:]:
             x = layer(x)
         return self.head(x)
 

@@ -353,7 +353,8 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
     try:
         while attempts < max_trials and not (cfg.sweep.timeout and time.monotonic() - started > cfg.sweep.timeout):
             lock.acquire()
-            finished, running = _count(study, TrialState.COMPLETE, TrialState.PRUNED), _count(study, TrialState.RUNNING)
+            states = [t.state for t in _trials(study)]  # one read: a trial may finish between two
+            finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
             if finished >= target:
                 break
             if finished + running >= target:  # wait for the others' trials (or for a dead worker's to go stale)
@@ -427,15 +428,15 @@ class ClaimLock:
             self.file.close()
 
 
-def _count(study: optuna.Study, *states: TrialState) -> int:
-    """Trials in `states`, read from the database itself: Optuna's per-process trial cache can miss a trial
-    another worker created, and an exact count is what keeps parallel workers from overshooting."""
+def _trials(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list:
+    """Trials read from the database itself: Optuna's per-process trial cache can miss a trial another worker
+    created, and an exact count is what keeps parallel workers from overshooting."""
     storage = study._storage._backend if hasattr(study._storage, "_backend") else study._storage
-    return len(storage.get_all_trials(study._study_id, deepcopy=False, states=states))
+    return storage.get_all_trials(study._study_id, deepcopy=False, states=states)
 
 
 def _finished(study: optuna.Study) -> int:
-    return _count(study, *FINISHED)
+    return len(_trials(study, FINISHED))
 
 
 def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int) -> None:

@@ -57,6 +57,28 @@ def _writes(method):
     return wrapper
 
 
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    """WAL lets readers work beside a writer (several workers on one machine), and synchronous=NORMAL drops the
+    fsync per commit that made each per-epoch log call cost milliseconds; a crashed process loses nothing."""
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
+def _install_sqlite_pragmas() -> None:
+    import sqlalchemy
+
+    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "connect", _sqlite_pragmas):
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _sqlite_pragmas)
+
+
+_install_sqlite_pragmas()
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached; the message names the URI and the fix."""
 
@@ -166,27 +188,38 @@ def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> No
     RunTracker(MlflowClient(uri), run_id).end(status, state, reason)
 
 
-def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> None:
-    import matplotlib
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """MLflow's fluent API (log_model, register_model) at `uri`, leaving the process's setting as it was:
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, which `default_uri` reads as the user's choice."""
+    import mlflow
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> None:
+    # matplotlib's object API without pyplot, fixed margins instead of tight_layout: a third of the time per trial
     import numpy as np
+    from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
+    fig = Figure(figsize=(7, 6.5))
+    fig.subplots_adjust(left=0.2, bottom=0.2, right=0.97, top=0.93)
+    ax = fig.add_subplot()
     ConfusionMatrixDisplay(np.array(matrix), display_labels=names).plot(ax=ax, colorbar=False, xticks_rotation=45)
     ax.set_title("test confusion matrix (best epoch)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig.savefig(path, dpi=80)
 
 
 class StudyTracker:
     """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial."""
 
     def __init__(self, study_name: str, runs_dir: str | Path, uri: str | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
@@ -195,7 +228,6 @@ class StudyTracker:
         self.uri = uri or default_uri(runs_dir)
         check_reachable(self.uri)
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(study_name)
         if exp is None:
@@ -272,12 +304,12 @@ class StudyTracker:
         current = self.champion()
         if current is not None and float(current.tags.get("objective_value", "-inf")) >= value:
             return False
-        with mlflow.start_run(run_id=child.run_id):
+        with _fluent_uri(self.uri), mlflow.start_run(run_id=child.run_id):
             info = mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pickle",
                 code_paths=[str(Path(__file__).resolve().parent)],  # the Net class travels with the model
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered ..." itself
+        with _fluent_uri(self.uri), contextlib.redirect_stderr(io.StringIO()):  # it prints "Successfully registered"
             version = mlflow.register_model(info.model_uri, self.study_name,
                                             tags={"objective": objective, "objective_value": str(value),
                                                   "optuna.trial_number": str(trial_number), "run_id": child.run_id})

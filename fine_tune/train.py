@@ -5,6 +5,7 @@ and prune) and a tracker (to log); the defaults do nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -20,6 +21,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from fine_tune import checkpoints
 from fine_tune.config import Config
 from fine_tune.data import Split, Splits, splits_for
+from fine_tune.features import frozen_features
 from fine_tune.models import Net, build_model, count_params
 from fine_tune.tracking import NullTracker, Tracker
 
@@ -53,13 +55,13 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: Net, split: Split, device: torch.device) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and predicted labels over a split, in large batches."""
+def evaluate(model: Net, split: Split, device: torch.device, start: int = 0) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and predicted labels over a split, in large batches (`start`: see `Net.forward`)."""
     model.eval()
     total, preds = 0.0, []
     for i in range(0, len(split), EVAL_BATCH):
         x, y = split.x[i:i + EVAL_BATCH].to(device), split.y[i:i + EVAL_BATCH].to(device)
-        logits = model(x)
+        logits = model(x, start).float()
         total += F.cross_entropy(logits, y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
     return total / len(split), torch.cat(preds).numpy()
@@ -92,8 +94,16 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
     splits = splits or splits_for(cfg)
     device = pick_device(cfg.device)
     model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
+    start = 0  # where the forward pass begins: after the frozen layers when their outputs are cached
+    if cfg.cache_features and cfg.frozen_layers > 0:
+        splits = frozen_features(model, cfg.frozen_layers, splits, device, cfg.run_dir() / "feature_cache")
+        start = cfg.frozen_layers
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
+                else contextlib.nullcontext())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused Adam updates all parameters in one kernel: a quarter of the step time on small models (make bench)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type in ("cpu", "cuda"))
     # A dedicated generator makes the batch order depend on the seed alone, not on what ran before.
     gen = torch.Generator().manual_seed(cfg.seed)
     train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
@@ -110,28 +120,30 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
         best_f1, best_epoch, stale = st["best_f1"], st["best_epoch"], st["stale"]
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         # --- one pass over the labeled budget, in-memory batches
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         loss_sum = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+            with autocast:
+                loss = F.cross_entropy(model(train_x[idx], start).float(), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(idx)
         train_loss = loss_sum / n
+        train_pass = time.perf_counter() - start_time
         if not math.isfinite(train_loss):
             msg = f"loss became {train_loss} in epoch {epoch} (lr={cfg.lr:g}); lower the learning rate"
             return Result("diverged", {}, history, class_names=splits.class_names, best_epoch=best_epoch,
                           message=msg)
 
         # --- validation: the only thing that drives decisions
-        val_loss, val_pred = evaluate(model, splits.val, device)
+        val_loss, val_pred = evaluate(model, splits.val, device, start)
         metrics = {"train/loss": train_loss, "val/loss": val_loss,
                    **scores("val", splits.val.y.numpy(), val_pred),
-                   "time/epoch_s": time.perf_counter() - start}
+                   "time/epoch_s": time.perf_counter() - start_time, "time/train_pass_s": train_pass}
         history.append(metrics)
         tracker.log_metrics(metrics, step=epoch)
         if metrics["val/f1_macro"] > best_f1:
@@ -150,7 +162,7 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
 
     # --- the test set, once, with the best epoch's weights
     model.load_state_dict(best_state)
-    _, test_pred = evaluate(model, splits.test, device)
+    _, test_pred = evaluate(model, splits.test, device, start)
     y_test = splits.test.y.numpy()
     labels = list(range(len(splits.class_names)))
     report = classification_report(y_test, test_pred, labels=labels, target_names=splits.class_names,

@@ -1,0 +1,243 @@
+"""python -m fine_tune bench [--quick] — our trial speed side by side with the tutorial's loop and the hardware floor.
+
+Everything is measured in one run on the same data and model and reported as ratios (these machines are noisy):
+each figure is the median over repeats, with its spread (min-max). Writes reports/bench.md and reports/bench.json.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fine_tune import checkpoints
+from fine_tune.config import Config
+from fine_tune.data import splits_for
+from fine_tune.data import prepare as prepare_data
+from fine_tune.models import build_model
+from fine_tune.train import pick_device, train
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def tutorial_epoch(cfg: Config, indices: torch.Tensor, device: torch.device) -> float:
+    """The tutorial's loop: torchvision dataset with ToTensor through a DataLoader, batch 64, Adam; seconds."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    root = prepare_data(cfg.data_dir)
+    ds = Subset(datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor()), indices.tolist())
+    loader = DataLoader(ds, batch_size=64, shuffle=True)
+    torch.manual_seed(0)
+    model = build_model("simplenet", 10).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    model.train()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def ours_epochs(cfg: Config, splits, backbone: str | None, epochs: int) -> tuple[list[float], float]:
+    """Per-epoch training-pass seconds of our loop, and the whole call's seconds (cache building included)."""
+    start = time.perf_counter()
+    result = train(cfg.model_copy(update={"epochs": epochs, "patience": None}), splits, backbone)
+    return [h["time/train_pass_s"] for h in result.history], time.perf_counter() - start
+
+
+def fwd_bwd_flops(model: nn.Module, frozen: int = 0) -> int:
+    """FLOPs of one forward + backward pass per image: 2 per multiply-add forward, twice that backward."""
+    macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    return 3 * 2 * macs
+
+
+def matmul_rate(device: torch.device, n: int = 1024, reps: int = 20) -> float:
+    """This machine's float32 matmul rate in FLOP/s (a large square GEMM: the best case)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(2 * n**3 * reps / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, pruner: str, seed: int) -> dict:
+    """One sweep in a fresh runs dir: completed trials per minute (from trial timestamps), epochs, best value."""
+    import optuna
+
+    from fine_tune.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Config.model_validate({**cfg.model_dump(), "runs_dir": tmp, "study": f"bench-{pruner}-{workers}",
+                                   "pretrained": backbone, "seed": seed,
+                                   "sweep": {**cfg.sweep.model_dump(), "pruner": pruner, "storage": None}})
+        study = run_sweep(c, n_trials, workers=workers, log=lambda s: None, progress=False)
+        trials = [t for t in study.trials if t.datetime_complete]
+        span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+        done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        return {"trials_per_min": len(done) / span * 60, "epochs": sum(len(t.intermediate_values) for t in trials),
+                "best": study.best_value}
+
+
+def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -> dict:
+    """The same trial with MLflow (run, per-epoch metrics, artifacts) and with the null tracker."""
+    from fine_tune.tracking import StudyTracker
+
+    null, tracked = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = StudyTracker("bench-tracking", tmp)
+        for i in range(repeats):
+            start = time.perf_counter()
+            train(cfg, splits, backbone)
+            null.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run = tracker.start_trial(i, {"lr": cfg.lr})
+            result = train(cfg, splits, backbone, tracker=run)
+            run.log_result(result)
+            run.end("FINISHED", "COMPLETE")
+            tracked.append(time.perf_counter() - start)
+        tracker.close()
+    n, t = statistics.median(null), statistics.median(tracked)
+    return {"null_s": spread(null), "mlflow_s": spread(tracked), "overhead_pct": 100 * (t - n) / n}
+
+
+def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str | Path = "reports") -> dict:
+    """All figures of the issue's table; `quick` shrinks every size for a smoke test."""
+    device = pick_device("auto")
+    repeats = 2 if quick else 3
+    # (a)-(d): the tutorial's model on all ten classes
+    full = Config(study="bench", classes=list(range(10)), val_per_class=600,
+                  budget_per_class=200 if quick else None, runs_dir=tempfile.mkdtemp(prefix="bench-"))
+    splits = splits_for(full)
+    log(f"device: {device}; {len(splits.train)} training images; {repeats} repeats per figure")
+    tut = [tutorial_epoch(full, splits.train.index, device) for _ in range(repeats)]
+    a = statistics.median(tut)
+    log(f"(a) tutorial loop: {a:.2f} s/epoch")
+    figures: dict = {"device": str(device), "train_images": len(splits.train), "repeats": repeats,
+                     "a_tutorial_s_per_epoch": spread(tut)}
+
+    ours64, _ = ours_epochs(full.model_copy(update={"batch_size": 64}), splits, None, repeats)
+    figures["b_ours_b64"] = {"s_per_epoch": spread(ours64), "speedup_vs_a": a / statistics.median(ours64)}
+
+    # freezing needs a backbone checkpoint; speed does not depend on its weights, so an untrained one stands in
+    pre = build_model("simplenet", 10)
+    backbone = str(checkpoints.save(pre.state_dict(), Path(full.runs_dir) / "backbone.pt"))
+    for k in (1, 2):
+        for cached in (False, True):
+            c = full.model_copy(update={"frozen_layers": k, "cache_features": cached, "batch_size": 64,
+                                        "runs_dir": tempfile.mkdtemp(prefix="bench-")})
+            epochs, whole = ours_epochs(c, splits, backbone, repeats)
+            figures[f"c_frozen{k}_{'cached' if cached else 'uncached'}"] = {
+                "s_per_epoch": spread(epochs), "speedup_vs_a": a / statistics.median(epochs), "whole_call_s": whole}
+
+    ours256, _ = ours_epochs(full.model_copy(update={"batch_size": 256}), splits, None, repeats)
+    flops = fwd_bwd_flops(build_model("simplenet", 10)) * len(splits.train)
+    rate = matmul_rate(device)
+    floor = flops / rate
+    figures["d_ours_b256"] = {"s_per_epoch": spread(ours256), "flops_per_epoch": flops, "matmul_flops_per_s": rate,
+                              "floor_s": floor, "ratio_to_floor": statistics.median(ours256) / floor}
+    log(f"(b)-(d) done: ours b64 {statistics.median(ours64):.3f} s/epoch, b256 {statistics.median(ours256):.3f}, "
+        f"floor {floor:.3f} s")
+
+    # (e)-(g): sweeps of the transfer experiment, the study `make sweep` runs
+    transfer = Config.model_validate({**_experiment("fashion_transfer"), "runs_dir": tempfile.mkdtemp(prefix="bench-")})
+    tsplits = splits_for(transfer)
+    from fine_tune.pretrain import backbone_for
+
+    tbackbone = backbone_for(transfer, log=lambda s: None)
+    trial_cfg = transfer.model_copy(update={"lr": 2.6e-3, "frozen_layers": 0, "head_size": 64})
+    figures["e_tracking_typical_trial"] = tracking_overhead(trial_cfg, tsplits, tbackbone, repeats)
+    figures["e_tracking_full_trial"] = tracking_overhead(full.model_copy(update={"epochs": 2 if quick else 15}),
+                                                         splits, None, repeats)
+    log(f"(e) tracking overhead: typical trial {figures['e_tracking_typical_trial']['overhead_pct']:.1f}%, "
+        f"full-data trial {figures['e_tracking_full_trial']['overhead_pct']:.1f}%")
+
+    n_trials = 6 if quick else 16
+    f1, f2 = [], []
+    for r in range(1 if quick else 2):
+        f1.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r)["trials_per_min"])
+        f2.append(sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r)["trials_per_min"])
+    figures["f_workers"] = {"one_worker_trials_per_min": spread(f1), "two_workers_trials_per_min": spread(f2),
+                            "speedup": statistics.median(f2) / statistics.median(f1)}
+    log(f"(f) 2 workers vs 1: {figures['f_workers']['speedup']:.2f}x")
+
+    pruned, unpruned = [], []
+    for r in range(1 if quick else 2):
+        pruned.append(sweep_figures(transfer, tbackbone, 1, n_trials, "median", seed=r))
+        unpruned.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r))
+    ep_p, ep_u = statistics.median(p["epochs"] for p in pruned), statistics.median(p["epochs"] for p in unpruned)
+    figures["g_pruning"] = {"epochs_with_pruner": spread([p["epochs"] for p in pruned]),
+                            "epochs_without": spread([p["epochs"] for p in unpruned]),
+                            "epochs_saved_pct": 100 * (1 - ep_p / ep_u),
+                            "best_with_pruner": spread([p["best"] for p in pruned]),
+                            "best_without": spread([p["best"] for p in unpruned]),
+                            "best_f1_gap_points": 100 * (statistics.median(p["best"] for p in unpruned)
+                                                         - statistics.median(p["best"] for p in pruned))}
+    write(figures, Path(out))
+    return figures
+
+
+def _experiment(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml").read_text())
+
+
+def table(f: dict) -> str:
+    """The figures as a Markdown table, targets beside them."""
+    def s(d):
+        return f"{d['median']:.3f} s ({d['min']:.3f}-{d['max']:.3f})"
+
+    rows = [("(a) tutorial loop, DataLoader + ToTensor, batch 64", s(f["a_tutorial_s_per_epoch"]), "1.0x", "")]
+    rows.append(("(b) ours, in-memory batches, batch 64", s(f["b_ours_b64"]["s_per_epoch"]),
+                 f"{f['b_ours_b64']['speedup_vs_a']:.1f}x faster", ">= 5x"))
+    for k in (1, 2):
+        for mode in ("uncached", "cached"):
+            d = f[f"c_frozen{k}_{mode}"]
+            rows.append((f"(c) ours, {k} frozen layer{'s' if k > 1 else ''}, {mode}", s(d["s_per_epoch"]),
+                         f"{d['speedup_vs_a']:.1f}x faster", ">= 10x" if (k, mode) == (2, "cached") else ""))
+    d = f["d_ours_b256"]
+    rows.append(("(d) ours, batch 256, vs FLOP floor", s(d["s_per_epoch"]),
+                 f"{d['ratio_to_floor']:.1f}x the floor ({d['floor_s']:.3f} s at "
+                 f"{d['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)", "<= 3x"))
+    for key, label in (("e_tracking_typical_trial", "typical sweep trial"), ("e_tracking_full_trial", "full-data trial")):
+        d = f[key]
+        rows.append((f"(e) MLflow vs null tracker, {label}", f"{s(d['null_s'])} vs {s(d['mlflow_s'])}",
+                     f"+{d['overhead_pct']:.1f}%", "<= 3%"))
+    d = f["f_workers"]
+    rows.append(("(f) sweep throughput, 2 workers vs 1", f"{d['two_workers_trials_per_min']['median']:.1f} vs "
+                 f"{d['one_worker_trials_per_min']['median']:.1f} trials/min", f"{d['speedup']:.2f}x", ">= 1.7x"))
+    d = f["g_pruning"]
+    rows.append(("(g) median pruner vs none, same seed and trials",
+                 f"{d['epochs_with_pruner']['median']:.0f} vs {d['epochs_without']['median']:.0f} epochs; best val F1 "
+                 f"{d['best_with_pruner']['median']:.4f} vs {d['best_without']['median']:.4f}",
+                 f"{d['epochs_saved_pct']:.0f}% fewer epochs, {d['best_f1_gap_points']:+.2f} pt",
+                 ">= 40% fewer, within 1 pt"))
+    head = "| figure | measured (median, spread) | ratio | target |\n|---|---|---|---|\n"
+    return head + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
+
+
+def write(figures: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints.save_json(figures, out / "bench.json")
+    md = (f"# Benchmark\n\n`python -m fine_tune bench` on {figures['device']}, {figures['train_images']} training "
+          f"images, {figures['repeats']} repeats per figure.\n\n{table(figures)}\n")
+    (out / "bench.md").write_text(md)

@@ -1,0 +1,64 @@
+"""Frozen-feature cache: the first k backbone layers are frozen and there is no augmentation, so their output for
+an image cannot change during a trial, or between trials that share the checkpoint. Compute it once per
+(frozen weights, k, data split) and train only the rest. Kept in memory within a worker, and on disk (keyed by a
+content hash) across workers.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fine_tune import checkpoints
+from fine_tune.data import Split, Splits
+from fine_tune.models import Net
+
+_memory: dict[str, dict[str, torch.Tensor]] = {}
+BATCH = 4096
+
+
+def cache_key(model: Net, k: int, splits: Splits) -> str:
+    """Hash of what the cached features depend on: the frozen layers' weights and exactly which images."""
+    h = hashlib.sha256(f"{k}|".encode())
+    for name, t in model.backbone[:k].state_dict().items():
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    for split in (splits.train, splits.val, splits.test):
+        h.update(split.index.numpy().tobytes() + b"|")
+    h.update(splits.fingerprint.encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def _through(model: Net, k: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), BATCH):
+        h = x[i:i + BATCH].to(device)
+        for layer in model.backbone[:k]:
+            h = layer(h)
+        out.append(h.cpu())
+    return torch.cat(out)
+
+
+def frozen_features(model: Net, k: int, splits: Splits, device: torch.device,
+                    cache_dir: str | Path | None = None) -> Splits:
+    """`splits` with each image replaced by the output of the first k (frozen, eval-mode) backbone layers."""
+    key = cache_key(model, k, splits)
+    feats = _memory.get(key)
+    path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
+    if feats is None and path is not None and path.is_file():
+        try:
+            feats = checkpoints.load_any(path)
+        except checkpoints.CheckpointError:
+            feats = None  # a damaged cache entry is rebuilt, never trusted
+    if feats is None:
+        was_training = model.training
+        model.eval()
+        feats = {name: _through(model, k, getattr(splits, name).x, device) for name in ("train", "val", "test")}
+        model.train(was_training)
+    if path is not None and not path.is_file():  # other workers (other processes) read it from here
+        checkpoints.save(feats, path)
+    _memory[key] = feats
+    return replace(splits, **{name: Split(feats[name], getattr(splits, name).y, getattr(splits, name).index)
+                              for name in ("train", "val", "test")})
