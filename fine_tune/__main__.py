@@ -5,7 +5,6 @@ Bad input (config, data, checkpoint) ends with one line on stderr and exit code 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def cmd_sweep(args) -> int:
     print(f"\n{cfg.study}: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed"
           + (f"; best {cfg.sweep.objective} {s['best_value']:.4f} (trial {s['best_trial']})" if "best_value" in s else ""))
     print(top_table(study))
-    print(f"\nnext: `make ui` to browse the runs (http://127.0.0.1:5000), `make report` for the comparison report")
+    print("\nnext: `make ui` to browse the runs (http://127.0.0.1:5000), `make report` for the comparison report")
     return 0
 
 

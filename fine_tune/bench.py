@@ -5,7 +5,6 @@ each figure is the median over repeats, with its spread (min-max). Writes report
 """
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time

@@ -11,7 +11,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
