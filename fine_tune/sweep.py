@@ -186,6 +186,8 @@ class Objective:
         state = self.state_path(trial.number if original is None else original)
         if original is not None and "mlflow_run_id" in trial.user_attrs:
             run = self.tracker.reopen(trial.user_attrs["mlflow_run_id"], trial.number)
+            if state.is_file():
+                run.backfill(checkpoints.load_any(state)["history"])
         else:
             trainable = count_params(build_model(cfg.model, len(self.splits.class_names), trial_cfg.head_size,
                                                  trial_cfg.frozen_layers))

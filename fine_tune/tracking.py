@@ -129,8 +129,12 @@ def metric_key(name: str) -> str:
 class RunTracker:
     """One MLflow run, written through the client with an explicit run id (safe across processes)."""
 
+    FLUSH_EVERY_S = 1.0  # curves stay live in the UI, without one database write per epoch of a short trial
+
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self.buffer: list = []
+        self.last_flush = time.monotonic()
 
     @_writes
     def log_params(self, params: dict[str, Any]) -> None:
@@ -145,7 +149,27 @@ class RunTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step or 0) for k, v in metrics.items()])
+        self.buffer += [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        if time.monotonic() - self.last_flush >= self.FLUSH_EVERY_S:
+            self.flush()
+
+    @_writes
+    def flush(self) -> None:
+        """Write the buffered metrics (MLflow takes at most 1000 per batch)."""
+        while self.buffer:
+            self.client.log_batch(self.run_id, metrics=self.buffer[:1000])
+            del self.buffer[:1000]
+        self.last_flush = time.monotonic()
+
+    @_writes
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """Log the epochs of `history` the run does not hold yet: a worker killed between two flushes lost them,
+        but its epoch checkpoint kept them."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "val/f1_macro")}
+        for epoch, metrics in enumerate(history, start=1):
+            if epoch not in logged:
+                self.log_metrics(metrics, step=epoch)
+        self.flush()
 
     @_writes
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -180,6 +204,7 @@ class RunTracker:
 
     @_writes
     def end(self, status: str, state: str, reason: str | None = None) -> None:
+        self.flush()
         tags = {"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {})
         self.set_tags(tags)
         self.client.set_terminated(self.run_id, status=status)
@@ -297,6 +322,7 @@ class StudyTracker:
         """Refresh the parent run's summary (best value and params, counts by state)."""
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
+        self.parent.flush()
         self.parent.set_tags({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
 
     @_writes
