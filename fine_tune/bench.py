@@ -5,6 +5,7 @@ each figure is the median over repeats, with its spread (min-max). Writes report
 """
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -56,7 +57,7 @@ def ours_epochs(cfg: Config, splits, backbone: str | None, epochs: int) -> tuple
     return [h["time/train_pass_s"] for h in result.history], time.perf_counter() - start
 
 
-def fwd_bwd_flops(model: nn.Module, frozen: int = 0) -> int:
+def fwd_bwd_flops(model: nn.Module) -> int:
     """FLOPs of one forward + backward pass per image: 2 per multiply-add forward, twice that backward."""
     macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     return 3 * 2 * macs
@@ -125,12 +126,25 @@ def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -
 
 
 def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str | Path = "reports") -> dict:
-    """All figures of the issue's table; `quick` shrinks every size for a smoke test."""
+    """All figures of the table; `quick` shrinks every size for a smoke test.
+
+    Every store it writes lives in one temporary folder, removed at the end: the user's OPTUNA_STORAGE and
+    MLFLOW_TRACKING_URI are set aside meanwhile, so a benchmark never adds studies or runs to real stores.
+    """
+    saved = {k: os.environ.pop(k) for k in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI") if k in os.environ}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+            return _run_bench(quick, log, Path(out), Path(scratch))
+    finally:
+        os.environ.update(saved)
+
+
+def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path) -> dict:
     device = pick_device("auto")
     repeats = 2 if quick else 3
     # (a)-(d): the tutorial's model on all ten classes
     full = Config(study="bench", classes=list(range(10)), val_per_class=600,
-                  budget_per_class=200 if quick else None, runs_dir=tempfile.mkdtemp(prefix="bench-"))
+                  budget_per_class=200 if quick else None, runs_dir=str(scratch / "full"))
     splits = splits_for(full)
     log(f"device: {device}; {len(splits.train)} training images; {repeats} repeats per figure")
     tut = [tutorial_epoch(full, splits.train.index, device) for _ in range(repeats)]
@@ -148,7 +162,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str 
     for k in (1, 2):
         for cached in (False, True):
             c = full.model_copy(update={"frozen_layers": k, "cache_features": cached, "batch_size": 64,
-                                        "runs_dir": tempfile.mkdtemp(prefix="bench-")})
+                                        "runs_dir": str(scratch / f"frozen{k}-{cached}")})
             epochs, whole = ours_epochs(c, splits, backbone, repeats)
             figures[f"c_frozen{k}_{'cached' if cached else 'uncached'}"] = {
                 "s_per_epoch": spread(epochs), "speedup_vs_a": a / statistics.median(epochs), "whole_call_s": whole}
@@ -163,7 +177,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str 
         f"floor {floor:.3f} s")
 
     # (e)-(g): sweeps of the transfer experiment, the study `make sweep` runs
-    transfer = Config.model_validate({**_experiment("fashion_transfer"), "runs_dir": tempfile.mkdtemp(prefix="bench-")})
+    transfer = Config.model_validate({**_experiment("fashion_transfer"), "runs_dir": str(scratch / "transfer")})
     tsplits = splits_for(transfer)
     from fine_tune.pretrain import backbone_for
 
@@ -196,7 +210,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str 
                             "best_without": spread([p["best"] for p in unpruned]),
                             "best_f1_gap_points": 100 * (statistics.median(p["best"] for p in unpruned)
                                                          - statistics.median(p["best"] for p in pruned))}
-    write(figures, Path(out))
+    write(figures, out)
     return figures
 
 

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.pretrain import backbone_for
-from fine_tune.sweep import context_params, make_storage, storage_url
+from fine_tune.sweep import context_params, storage_url, study_storage
 from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, default_uri
 from fine_tune.train import train
 
@@ -23,7 +23,7 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     """Re-train the `top_k` best complete trials with `seeds` new seeds each; return how many runs were added."""
     check_reachable(default_uri(cfg.runs_dir))
     try:
-        study = optuna.load_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)))
+        study = optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
     except KeyError:
         raise ConfigError(f"study {cfg.study!r} does not exist in {storage_url(cfg)}; run `make sweep` first") from None
     top = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:top_k]

@@ -47,9 +47,10 @@ def frozen_features(model: Net, k: int, splits: Splits, device: torch.device,
     key = cache_key(model, k, splits)
     feats = _memory.get(key)
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
+    on_disk = False
     if feats is None and path is not None and path.is_file():
         try:
-            feats = checkpoints.load_any(path)
+            feats, on_disk = checkpoints.load_any(path), True
         except checkpoints.CheckpointError:
             feats = None  # a damaged cache entry is rebuilt, never trusted
     if feats is None:
@@ -57,8 +58,8 @@ def frozen_features(model: Net, k: int, splits: Splits, device: torch.device,
         model.eval()
         feats = {name: _through(model, k, getattr(splits, name).x, device) for name in ("train", "val", "test")}
         model.train(was_training)
-    if path is not None and not path.is_file():  # other workers (other processes) read it from here
-        checkpoints.save(feats, path)
+    if path is not None and not on_disk and (_memory.get(key) is None or not path.is_file()):
+        checkpoints.save(feats, path)  # other workers (other processes) read it from here
     _memory[key] = feats
     return replace(splits, **{name: Split(feats[name], getattr(splits, name).y, getattr(splits, name).index)
                               for name in ("train", "val", "test")})

@@ -29,7 +29,7 @@ from fine_tune.config import Config
 from fine_tune.data import Splits, splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.pretrain import backbone_for
-from fine_tune.tracking import StudyTracker, check_reachable, close_run, default_uri, interrupt
+from fine_tune.tracking import StudyTracker, check_reachable, close_run, default_uri, interrupt, rearm, shielded
 from fine_tune.train import train
 
 GRID_LR_POINTS = 5  # a grid over a continuous lr range takes this many log-spaced points
@@ -181,62 +181,73 @@ class Objective:
         params = suggest(trial, cfg)
         trial_cfg = Config.model_validate({**cfg.model_dump(), **params})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who runs it, for debugging
-        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        frozen = _frozen(trial)
         original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial it continues
         state = self.state_path(trial.number if original is None else original)
-        if original is not None and "mlflow_run_id" in trial.user_attrs:
-            run = self.tracker.reopen(trial.user_attrs["mlflow_run_id"], trial.number)
-            if state.is_file():
-                run.backfill(checkpoints.load_any(state)["history"])
-        else:
-            trainable = count_params(build_model(cfg.model, len(self.splits.class_names), trial_cfg.head_size,
-                                                 trial_cfg.frozen_layers))
-            trial.set_user_attr("trainable_params", trainable)
-            run = self.tracker.start_trial(trial.number, {**self.context, **trial_cfg.model_dump(
-                include={"lr", "frozen_layers", "head_size", "weight_decay", "batch_size", "epochs", "patience"}),
-                "trainable_params": trainable})
-            trial.set_user_attr("mlflow_run_id", run.run_id)
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[cfg.sweep.objective], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        try:
+        run = None
+        try:  # everything that creates, feeds or closes the run: an interrupt anywhere here is handled below
+            with shielded():  # the run and the trial's record of it appear together
+                if original is not None and "mlflow_run_id" in trial.user_attrs:
+                    run = self.tracker.reopen(trial.user_attrs["mlflow_run_id"], trial.number)
+                else:
+                    trainable = count_params(build_model(cfg.model, len(self.splits.class_names),
+                                                         trial_cfg.head_size, trial_cfg.frozen_layers))
+                    trial.set_user_attr("trainable_params", trainable)
+                    run = self.tracker.start_trial(trial.number, {**self.context, **trial_cfg.model_dump(
+                        include={"lr", "frozen_layers", "head_size", "weight_decay", "batch_size", "epochs",
+                                 "patience"}), "trainable_params": trainable})
+                    trial.set_user_attr("mlflow_run_id", run.run_id)
+            if original is not None and state.is_file():
+                run.backfill(checkpoints.load_any(state)["history"])
             result = train(trial_cfg, self.splits, self.backbone, tracker=run, on_epoch=report, state_path=state)
-        except optuna.TrialPruned as e:
-            run.end("KILLED", "PRUNED", str(e))
+            if result.status != "finished":
+                trial.set_user_attr("fail_reason", result.message)
+                raise TrialDiverged(result.message)
+            value = result.metrics[cfg.sweep.objective]
+            for k in ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro", "best_epoch", "epochs_run"):
+                trial.set_user_attr(k, result.metrics[k])
+            run.log_result(result)
+            if self.tracker.promote(run, result.model, value, cfg.sweep.objective, trial.number):
+                trial.set_user_attr("champion", True)
+            run.end("FINISHED", "COMPLETE")
+        except (optuna.TrialPruned, TrialDiverged) as e:
+            if isinstance(e, optuna.TrialPruned):
+                run.end("KILLED", "PRUNED", str(e))
+            else:
+                run.end("FAILED", "FAIL", str(e))
             state.unlink(missing_ok=True)
             raise
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep the epoch checkpoint, queue the trial again
-            run.end("KILLED", "FAIL", f"interrupted ({type(e).__name__}); re-queued, resumes from its last epoch")
-            requeue(trial, frozen, original if original is not None else trial.number)
+            with shielded():
+                if run is not None:
+                    run.end("KILLED", "FAIL", f"interrupted ({type(e).__name__}); re-queued, resumes from its last epoch")
+                requeue(trial, original if original is not None else trial.number)
             raise
         except BaseException as e:  # a crash: never leave the run RUNNING
-            run.end("FAILED", "FAIL", repr(e))
+            if run is not None:
+                run.end("FAILED", "FAIL", repr(e))
             raise
         state.unlink(missing_ok=True)
-        if result.status != "finished":
-            trial.set_user_attr("fail_reason", result.message)
-            run.end("FAILED", "FAIL", result.message)
-            raise TrialDiverged(result.message)
-
-        value = result.metrics[cfg.sweep.objective]
-        for k in ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro", "best_epoch", "epochs_run"):
-            trial.set_user_attr(k, result.metrics[k])
-        run.log_result(result)
-        if self.tracker.promote(run, result.model, value, cfg.sweep.objective, trial.number):
-            trial.set_user_attr("champion", True)
-        run.end("FINISHED", "COMPLETE")
         return value
 
 
-def requeue(trial: optuna.Trial, frozen: optuna.trial.FrozenTrial, original: int) -> None:
-    """Queue an interrupted trial again, marked as a retry of `original`, as Optuna's retry callback would."""
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def requeue(trial: optuna.Trial, original: int) -> None:
+    """Queue an interrupted trial again, marked as a retry of `original`, as Optuna's retry callback would; the
+    epochs it reported so far go with it."""
     trial.study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs=dict(trial.user_attrs), system_attrs={"failed_trial": original},
-        intermediate_values=dict(frozen.intermediate_values)))
+        intermediate_values=dict(_frozen(trial).intermediate_values)))
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
@@ -291,9 +302,10 @@ def _on_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def interruptible():
+def interruptible(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
     """Ctrl-C and SIGTERM stop the sweep cleanly: never inside a store write, and the trial is re-queued."""
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    rearm()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
     try:
         yield
     finally:
@@ -304,15 +316,19 @@ def interruptible():
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def study_storage(cfg: Config) -> optuna.storages.BaseStorage:
+    """The study's storage, with the config's heartbeat and a stale-trial callback that closes MLflow runs."""
+    return make_storage(storage_url(cfg), tracking_uri=default_uri(cfg.runs_dir),
+                        heartbeat=cfg.sweep.heartbeat_interval, grace=cfg.sweep.grace_period)
+
+
 def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
     """Create or load the study; a resumed or parallel sampler is reseeded so it does not replay samples."""
-    url = storage_url(cfg)
-    storage = make_storage(url, tracking_uri=default_uri(cfg.runs_dir), heartbeat=cfg.sweep.heartbeat_interval,
-                           grace=cfg.sweep.grace_period)
-    study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg),
+    study = optuna.create_study(study_name=cfg.study, storage=study_storage(cfg), sampler=make_sampler(cfg),
                                 pruner=make_pruner(cfg), direction="maximize", load_if_exists=True)
     if len(study.trials) or seed_offset:
         study.sampler = make_sampler(cfg, len(study.trials) + seed_offset)
+    study.set_user_attr("objective", cfg.sweep.objective)  # reports read it from the store
     return study
 
 
@@ -442,8 +458,11 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int) -> None:
+    # Ctrl-C reaches the whole process group; the launcher turns it into one SIGTERM per worker, so a worker
+    # ignores SIGINT rather than being interrupted twice in the middle of closing its trial.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with interruptible():
+        with interruptible((signal.SIGTERM,)):
             work(cfg, target, max_trials, threads, worker, log=lambda s: None)
     except KeyboardInterrupt:
         sys.exit(143)
@@ -484,7 +503,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
             status = "FINISHED"
     finally:
         tracker.close(status)
-    return optuna.load_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)))
+    return optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
 
 
 def _run_workers(cfg: Config, target: int, max_trials: int, workers: int, progress: bool) -> None:
@@ -493,7 +512,7 @@ def _run_workers(cfg: Config, target: int, max_trials: int, workers: int, progre
     procs = [ctx.Process(target=_worker_main, args=(cfg, target, max_trials, threads, i + 1)) for i in range(workers)]
     for p in procs:
         p.start()
-    study = optuna.load_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)))
+    study = optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
     bar = tqdm(total=target, initial=_finished(study), desc=f"{cfg.study} x{workers}", unit="trial",
                disable=not progress, dynamic_ncols=True)
     try:

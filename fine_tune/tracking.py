@@ -25,7 +25,7 @@ CHAMPION = "champion"
 # An interrupt raised in the middle of an SQLite write can leave this process holding the database lock, and the
 # cleanup that follows (closing the run as KILLED) then waits on itself. The sweep's signal handlers call
 # `interrupt`, which defers the exception until the write in progress has finished.
-_shield = {"depth": 0, "pending": None}
+_shield = {"depth": 0, "pending": None, "fired": False}
 
 
 @contextlib.contextmanager
@@ -41,11 +41,20 @@ def shielded():
 
 
 def interrupt(exc: BaseException) -> None:
-    """Raise `exc` now, or as soon as the store write in progress is done."""
+    """Raise `exc` now, or as soon as the store write in progress is done; later signals are ignored so that
+    the cleanup the first one started runs to its end."""
+    if _shield["fired"]:
+        return
+    _shield["fired"] = True
     if _shield["depth"]:
         _shield["pending"] = exc
     else:
         raise exc
+
+
+def rearm() -> None:
+    """Accept the next interrupt (a new sweep in the same process)."""
+    _shield["fired"], _shield["pending"] = False, None
 
 
 def _writes(method):
@@ -53,12 +62,13 @@ def _writes(method):
     object (`seconds`), which is how `make bench` measures tracking overhead inside a trial."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        start = time.perf_counter()
+        outermost, start = _shield["depth"] == 0, time.perf_counter()
         try:
             with shielded():
                 return method(self, *args, **kwargs)
         finally:
-            self.seconds = getattr(self, "seconds", 0.0) + time.perf_counter() - start
+            if outermost:  # nested writes are inside the outer one's time already
+                self.seconds = getattr(self, "seconds", 0.0) + time.perf_counter() - start
     return wrapper
 
 

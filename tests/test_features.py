@@ -1,7 +1,7 @@
 """The frozen-feature cache gives the same training as the uncached path, and is shared through the disk."""
 import pytest
 
-from fine_tune import features
+from fine_tune import checkpoints, features
 from fine_tune.data import splits_for
 from fine_tune.train import train
 
@@ -41,6 +41,7 @@ def test_features_are_reused_from_disk_by_another_worker(tiny, tiny_backbone, mo
     files[0].write_bytes(b"torn write")
     monkeypatch.undo()
     assert untimed(train(cfg, splits, tiny_backbone[0]).metrics) == untimed(again.metrics)
+    assert set(checkpoints.load_any(files[0])) == {"train", "val", "test"}  # and rewritten on disk
 
 
 def test_different_frozen_weights_get_different_entries(tiny, tiny_backbone):
