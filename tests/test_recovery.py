@@ -138,3 +138,29 @@ def test_a_worker_killed_mid_trial_is_failed_requeued_and_closed(tmp_path, tiny_
     if run.status == "FINISHED":  # the retry ran: epochs lost with the killed worker were backfilled
         steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.run_id, "val/f1_macro")}
         assert steps == set(range(1, int(run["metrics.epochs_run"]) + 1))
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_several_workers_closes_every_trial(tmp_path, tiny_backbone):
+    """Ctrl-C in a terminal signals the whole process group: launcher and workers alike."""
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="group", budget=200, epochs=40, n_trials=6)
+    proc = subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", "--workers", "2"],
+                            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    states = tmp_path / "runs" / "trial_state" / "group"
+    wait_for(lambda: states.exists() and len(list(states.iterdir())) >= 2)  # both workers mid-trial
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+    df, study = stores(tmp_path, "group")
+    states_now = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states_now and "RUNNING" not in set(df.status)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    # each worker mid-trial at the signal leaves one FAIL trial, re-queued; one between trials leaves none
+    assert 1 <= len(failed) <= 2
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [t.number for t in failed]
+    trials = df[df["tags.fine_tune.role"] == "trial"]
+    assert (trials.status == "KILLED").sum() == len(failed) and set(trials.status) <= {"KILLED", "FINISHED"}
