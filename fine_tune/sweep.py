@@ -415,28 +415,23 @@ class ClaimLock:
             self.file = open(path, "a+")
 
     def acquire(self) -> None:
-        if self.held:
-            return
-        if self.conn is not None:
-            import sqlalchemy
-
-            self.conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-            self.conn.commit()
-        else:
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        self.held = True
+        if not self.held:
+            self._set(True)
 
     def release(self) -> None:
-        if not self.held:
-            return
+        if self.held:
+            self._set(False)
+
+    def _set(self, held: bool) -> None:
         if self.conn is not None:
             import sqlalchemy
 
-            self.conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            fn = "pg_advisory_lock" if held else "pg_advisory_unlock"
+            self.conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self.key})
             self.conn.commit()
         else:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.held = False
+            fcntl.flock(self.file, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
+        self.held = held
 
     def close(self) -> None:
         if self.conn is not None:
