@@ -333,8 +333,8 @@ def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
 
 
 def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, worker: int = 0,
-         tracker: StudyTracker | None = None, backbone: str | None = None, progress: bool = False,
-         log: Callable[[str], None] = print) -> None:
+         study: optuna.Study | None = None, tracker: StudyTracker | None = None, backbone: str | None = None,
+         progress: bool = False, log: Callable[[str], None] = print) -> None:
     """One worker: run trials of the study until it holds `target` finished (complete or pruned) trials.
 
     The parent run is the launcher's to close; a worker only adds child runs under it.
@@ -347,7 +347,7 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     splits = splits_for(cfg)
     backbone = backbone or backbone_for(cfg, log)
-    study = open_study(cfg, seed_offset=1000 * worker)
+    study = study or open_study(cfg, seed_offset=1000 * worker)
     tracker = tracker or StudyTracker(cfg.study, cfg.runs_dir)
     bar = tqdm(total=target, initial=_finished(study), desc=cfg.study, unit="trial", disable=not progress,
                dynamic_ncols=True)
@@ -492,22 +492,23 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
         with interruptible():
             backbone = backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
             if workers <= 1:
-                work(cfg, target, max_trials, tracker=tracker, backbone=backbone, progress=progress, log=log)
+                work(cfg, target, max_trials, study=study, tracker=tracker, backbone=backbone, progress=progress,
+                     log=log)
             else:
-                _run_workers(cfg, target, max_trials, workers, progress)
+                _run_workers(cfg, study, target, max_trials, workers, progress)
             status = "FINISHED"
     finally:
         tracker.close(status)
-    return optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
+    return study
 
 
-def _run_workers(cfg: Config, target: int, max_trials: int, workers: int, progress: bool) -> None:
+def _run_workers(cfg: Config, study: optuna.Study, target: int, max_trials: int, workers: int,
+                 progress: bool) -> None:
     ctx = multiprocessing.get_context("spawn")  # no forked torch/sqlite state shared between workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker_main, args=(cfg, target, max_trials, threads, i + 1)) for i in range(workers)]
     for p in procs:
         p.start()
-    study = optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
     bar = tqdm(total=target, initial=_finished(study), desc=f"{cfg.study} x{workers}", unit="trial",
                disable=not progress, dynamic_ncols=True)
     try:
