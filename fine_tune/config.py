@@ -96,6 +96,8 @@ class SweepConfig(Strict):
     workers: int = Field(1, ge=1, description="worker processes sharing the study on this machine")
     heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(30, gt=0, description="seconds without a heartbeat before a trial is failed and retried")
+    state_every_s: float = Field(5.0, ge=0, description="save a running trial's resumable state at most this often, "
+                                 "in seconds (0 = every epoch); Ctrl-C / SIGTERM save it too")
 
 
 class Config(Strict):

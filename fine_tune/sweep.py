@@ -215,6 +215,7 @@ class Objective:
             run.log_result(result)
             if self.tracker.promote(run, result.model, value, cfg.sweep.objective, trial.number):
                 trial.set_user_attr("champion", True)
+                run.log_confusion_png(result)
             run.end("FINISHED", "COMPLETE")
         except (optuna.TrialPruned, TrialDiverged) as e:
             if isinstance(e, optuna.TrialPruned):

@@ -164,11 +164,16 @@ class RunTracker:
             self.flush()
 
     @_writes
-    def flush(self) -> None:
-        """Write the buffered metrics (MLflow takes at most 1000 per batch)."""
-        while self.buffer:
-            self.client.log_batch(self.run_id, metrics=self.buffer[:1000])
+    def flush(self, tags: dict[str, Any] | None = None) -> None:
+        """Write the buffered metrics, and `tags` with them: one transaction per call (MLflow takes at most 1000
+        metrics per batch)."""
+        from mlflow.entities import RunTag
+
+        pending = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        while self.buffer or pending:
+            self.client.log_batch(self.run_id, metrics=self.buffer[:1000], tags=pending)
             del self.buffer[:1000]
+            pending = []
         self.last_flush = time.monotonic()
 
     @_writes
@@ -181,11 +186,8 @@ class RunTracker:
                 self.log_metrics(metrics, step=epoch)
         self.flush()
 
-    @_writes
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.flush(tags)
 
     @_writes
     def log_result(self, result) -> None:
@@ -199,24 +201,28 @@ class RunTracker:
         final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
         self.log_metrics(final, step=result.best_epoch)
         with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            torch.save(result.model.state_dict(), tmp / "best.pt")
-            (tmp / "per_class_report.json").write_text(json.dumps(result.report, indent=2))
-            (tmp / "confusion_matrix.json").write_text(json.dumps(
+            (Path(tmp) / "checkpoint").mkdir()
+            evaluation = Path(tmp) / "evaluation"
+            evaluation.mkdir()
+            torch.save(result.model.state_dict(), Path(tmp) / "checkpoint" / "best.pt")
+            (evaluation / "per_class_report.json").write_text(json.dumps(result.report, indent=2))
+            (evaluation / "confusion_matrix.json").write_text(json.dumps(
                 {"class_names": result.class_names, "matrix": result.confusion}))
-            (tmp / "test_predictions.json").write_text(json.dumps(
+            (evaluation / "test_predictions.json").write_text(json.dumps(
                 {"class_names": result.class_names, "y_true": result.test_true, "y_pred": result.test_pred}))
-            confusion_png(result.confusion, result.class_names, tmp / "confusion_matrix.png")
-            self.client.log_artifact(self.run_id, str(tmp / "best.pt"), "checkpoint")
-            for name in ("per_class_report.json", "confusion_matrix.json", "confusion_matrix.png",
-                         "test_predictions.json"):
-                self.client.log_artifact(self.run_id, str(tmp / name), "evaluation")
+            self.client.log_artifacts(self.run_id, tmp)  # one call: each call looks the run up again
+
+    @_writes
+    def log_confusion_png(self, result) -> None:
+        """The confusion matrix as a picture. Drawn for champions only: at ~50-100 ms it cost more than all of a
+        short trial's MLflow writes together; every run keeps the numbers in evaluation/confusion_matrix.json."""
+        with tempfile.TemporaryDirectory() as tmp:
+            confusion_png(result.confusion, result.class_names, Path(tmp) / "confusion_matrix.png")
+            self.client.log_artifact(self.run_id, str(Path(tmp) / "confusion_matrix.png"), "evaluation")
 
     @_writes
     def end(self, status: str, state: str, reason: str | None = None) -> None:
-        self.flush()
-        tags = {"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {})
-        self.set_tags(tags)
+        self.flush({"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {}))
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -255,6 +261,14 @@ def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> None
     fig.savefig(path, dpi=80)
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local database (`mlartifacts/` in the database's
+    folder, so `make clean` or moving the folder takes both), while a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 class StudyTracker:
     """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial."""
 
@@ -270,9 +284,7 @@ class StudyTracker:
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(study_name)
         if exp is None:
-            # A local store keeps artifacts beside it; a tracking server decides for itself (artifact serving).
-            local = self.uri.startswith("sqlite:") or self.uri.startswith("file:")
-            location = (Path(runs_dir).resolve() / "mlartifacts").as_uri() if local else None
+            location = artifact_location(self.uri)
             from mlflow.exceptions import MlflowException
 
             try:
@@ -332,8 +344,7 @@ class StudyTracker:
         """Refresh the parent run's summary (best value and params, counts by state)."""
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
-        self.parent.flush()
-        self.parent.set_tags({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
+        self.parent.flush({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
 
     @_writes
     def promote(self, child: RunTracker, model, value: float, objective: str, trial_number: int) -> bool:

@@ -46,13 +46,14 @@ search:
   lr: {{low: 1.0e-3, high: 3.0e-2, log: true}}
   frozen_layers: {{low: 0, high: 2}}
   head_size: [0, 16]
-sweep: {{n_trials: {n_trials}, pruner: none, heartbeat_interval: 1, grace_period: 3}}
+sweep: {{n_trials: {n_trials}, pruner: none, heartbeat_interval: 1, grace_period: 3, state_every_s: {state_every_s}}}
 """
 
 
-def write_experiment(path, backbone, study="cli-sweep", budget=20, epochs=2, n_trials=2):
+def write_experiment(path, backbone, study="cli-sweep", budget=20, epochs=2, n_trials=2, state_every_s=5.0):
     """A tiny sweep experiment file for tests that run the CLI as a user would."""
-    path.write_text(TINY_YAML.format(study=study, budget=budget, epochs=epochs, n_trials=n_trials, backbone=backbone))
+    path.write_text(TINY_YAML.format(study=study, budget=budget, epochs=epochs, n_trials=n_trials, backbone=backbone,
+                                     state_every_s=state_every_s))
     return path
 
 

@@ -8,6 +8,7 @@ import time
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 
 from fine_tune.data import splits_for
 from fine_tune.sweep import make_storage
@@ -53,6 +54,19 @@ def wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out waiting")
 
 
+def running_trials(tmp_path, study_name: str, epochs: int = 1) -> list:
+    """The study's RUNNING trials that have reported at least `epochs` epochs (none before the study exists)."""
+    db = tmp_path / "runs" / "optuna.db"
+    if not db.exists():
+        return []
+    try:
+        study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db.resolve()}")
+        trials = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    except (KeyError, sqlalchemy.exc.OperationalError):  # the sweep is still creating its study or tables
+        return []
+    return [t for t in trials if len(t.intermediate_values) >= epochs and "worker" in t.user_attrs]
+
+
 def stores(tmp_path, study):
     runs = tmp_path / "runs"
     mlflow.set_tracking_uri(f"sqlite:///{runs.resolve()}/mlflow.db")
@@ -67,8 +81,7 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="stop", budget=200, epochs=40, n_trials=1)
     state = tmp_path / "runs" / "trial_state" / "stop" / "t000.pt"
     proc = start_sweep(tmp_path)
-    wait_for(state.exists)
-    time.sleep(0.3)  # a few epochs in
+    wait_for(lambda: running_trials(tmp_path, "stop", epochs=3))  # a few epochs in
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -80,7 +93,7 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     run = df[df["tags.mlflow.runName"] == "stop/t000"].iloc[0]
     assert run.status == "KILLED" and "interrupted" in run["tags.fine_tune.reason"]
     assert df[df["tags.fine_tune.role"] == "study"].status.iloc[0] == "KILLED"
-    assert state.exists()  # the epoch checkpoint is kept for the resume
+    assert state.exists()  # the interrupt saved the last finished epoch for the resume
     done = len(mlflow.MlflowClient().get_metric_history(run.run_id, "val/f1_macro"))
 
     # the next sweep picks the re-queued trial and continues its run from the last epoch
@@ -117,7 +130,9 @@ def pid_running_a_trial(tmp_path, study_name: str) -> int:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_failed_requeued_and_closed(tmp_path, tiny_backbone):
-    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="kill", budget=100, epochs=15, n_trials=6)
+    # state saved after every epoch, so the retry resumes (and backfills) rather than starts over
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="kill", budget=100, epochs=15, n_trials=6,
+                     state_every_s=0)
     proc = start_sweep(tmp_path, "--workers", "2")
     os.kill(pid_running_a_trial(tmp_path, "kill"), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
@@ -147,9 +162,7 @@ def test_ctrl_c_with_several_workers_closes_every_trial(tmp_path, tiny_backbone)
     proc = subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", "--workers", "2"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    states = tmp_path / "runs" / "trial_state" / "group"
-    wait_for(lambda: states.exists() and len(list(states.iterdir())) >= 2)  # both workers mid-trial
-    time.sleep(0.3)
+    wait_for(lambda: len(running_trials(tmp_path, "group", epochs=2)) >= 2)  # both workers mid-trial
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err

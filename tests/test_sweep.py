@@ -73,9 +73,13 @@ def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tm
         f1 = val_f1_of(checkpoints.load(path), run.filter(like="params.").rename(lambda c: c[7:]), cfg, splits)
         assert f1 == pytest.approx(run["metrics.best/val/f1_macro"], abs=1e-9)
         assert f1 == max(m.value for m in history)
+        # the confusion-matrix picture is drawn for the trials that became champion (trial 0 always does)
         names = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
-        assert names == {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json",
-                         "evaluation/per_class_report.json", "evaluation/test_predictions.json"}
+        became_champion = study.trials[int(run["tags.optuna.trial_number"])].user_attrs.get("champion", False)
+        assert names == {"evaluation/confusion_matrix.json", "evaluation/per_class_report.json",
+                         "evaluation/test_predictions.json"} | ({"evaluation/confusion_matrix.png"}
+                                                                if became_champion else set())
+    assert study.trials[0].user_attrs["champion"]
 
     # the champion alias points at the best trial, and the registered model reproduces its val metric
     champion = client.get_model_version_by_alias(cfg.study, "champion")
@@ -123,3 +127,14 @@ def test_sweep_without_a_search_space_is_refused(sweep_cfg, tmp_path):
     with pytest.raises(ConfigError, match="search: not set"):
         run_sweep(sweep_cfg(search=None), progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_artifacts_live_beside_a_tracking_database_elsewhere(sweep_cfg, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI naming a SQLite file outside runs/: the artifacts go beside that file, so moving or
+    cleaning the checkout's runs/ never orphans them."""
+    elsewhere = tmp_path / "shared-tracking"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}/mlflow.db")
+    cfg = sweep_cfg(sweep={"n_trials": 1, "pruner": "none"})
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    assert list(elsewhere.glob("mlartifacts/*/artifacts/checkpoint/best.pt"))
+    assert not (cfg.run_dir() / "mlartifacts").exists()

@@ -82,3 +82,25 @@ def test_train_cli_prints_the_table_and_writes_json(tmp_path):
     out = json.loads((tmp_path / "m.json").read_text())
     assert out["status"] == "finished" and out["trainable_params"] == 64 * 5 + 5
     assert (tmp_path / "runs" / "train" / "cli" / "best.pt").is_file()
+
+
+def test_epoch_scores_equal_sklearns(tiny):
+    """The per-epoch scores are counted without sklearn (for speed); they must be sklearn's numbers."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from fine_tune.train import evaluate, scores
+
+    cfg = tiny(epochs=1)
+    splits = splits_for(cfg)
+    result = train(cfg, splits)
+    _, pred = evaluate(result.model, splits.val, torch.device("cpu"))
+    y = splits.val.y.numpy()
+    cases = [(y, pred),  # real predictions after one epoch
+             (y, (pred + 1) % 5),  # every prediction wrong
+             (y, pred.clip(max=3)),  # a class never predicted
+             (y[y != 2], pred[y != 2])]  # a class absent from the labels but predicted
+    for y_true, y_pred in cases:
+        got = scores("val", y_true, y_pred)
+        assert got["val/accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+        assert got["val/f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0),
+                                                    abs=1e-12)
