@@ -79,16 +79,33 @@ def matmul_rate(device: torch.device, n: int = 1024, reps: int = 20) -> float:
     return statistics.median(rates)
 
 
-def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, pruner: str, seed: int) -> dict:
-    """One sweep in a fresh runs dir: completed trials per minute (from trial timestamps), epochs, best value."""
+def sampled_params(cfg: Config, n: int, seed: int) -> list[dict]:
+    """`n` points of the experiment's search space, drawn at random: the same work for every sweep compared."""
     import optuna
 
-    from fine_tune.sweep import run_sweep
+    from fine_tune.sweep import suggest
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [suggest(study.ask(), cfg) for _ in range(n)]
+
+
+def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, pruner: str, seed: int,
+                  trials: list[dict] | None = None) -> dict:
+    """One sweep in a fresh runs dir: completed trials per minute (from trial timestamps), epochs, best value.
+    With `trials`, the study runs exactly those parameters (enqueued) instead of sampling its own."""
+    import optuna
+
+    from fine_tune.sweep import open_study, run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         c = Config.model_validate({**cfg.model_dump(), "runs_dir": tmp, "study": f"bench-{pruner}-{workers}",
                                    "pretrained": backbone, "seed": seed,
                                    "sweep": {**cfg.sweep.model_dump(), "pruner": pruner, "storage": None}})
+        if trials:
+            study = open_study(c)
+            for params in trials:
+                study.enqueue_trial(params)
         study = run_sweep(c, n_trials, workers=workers, log=lambda s: None, progress=False)
         trials = [t for t in study.trials if t.datetime_complete]
         span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
@@ -98,16 +115,15 @@ def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, prune
 
 
 def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -> dict:
-    """The same trial with MLflow (run, per-epoch metrics, artifacts) and with the null tracker."""
+    """The same trial with MLflow (run, per-epoch metrics, artifacts) and with the null tracker, run in pairs
+    (alternating which goes first) so that the machine's drift cancels: the overhead is the median pair's."""
     from fine_tune.tracking import StudyTracker
 
-    null, tracked, inside = [], [], []
+    null, tracked, pairs, inside = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tracker = StudyTracker("bench-tracking", tmp)
-        for i in range(repeats):
-            start = time.perf_counter()
-            train(cfg, splits, backbone)
-            null.append(time.perf_counter() - start)
+
+        def with_mlflow(i: int) -> float:
             start = time.perf_counter()
             tracker.seconds = 0.0
             run = tracker.start_trial(i, {"lr": cfg.lr})
@@ -115,14 +131,28 @@ def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -
             run.log_result(result)
             run.end("FINISHED", "COMPLETE")
             total = time.perf_counter() - start
-            tracked.append(total)
             # the same trial, timed from inside: seconds spent in MLflow calls over the rest of the trial
             spent = run.seconds + tracker.seconds
             inside.append(100 * spent / (total - spent))
+            return total
+
+        def without(i: int) -> float:
+            start = time.perf_counter()
+            train(cfg, splits, backbone)
+            return time.perf_counter() - start
+
+        without(-1)  # warm caches (features, allocator) before anything is timed
+        for i in range(repeats):
+            if i % 2:
+                tracked.append(with_mlflow(i))
+                null.append(without(i))
+            else:
+                null.append(without(i))
+                tracked.append(with_mlflow(i))
+            pairs.append(100 * (tracked[-1] - null[-1]) / null[-1])
         tracker.close()
-    n, t = statistics.median(null), statistics.median(tracked)
-    return {"null_s": spread(null), "mlflow_s": spread(tracked), "overhead_pct": 100 * (t - n) / n,
-            "inside_pct": spread(inside)}
+    return {"null_s": spread(null), "mlflow_s": spread(tracked), "overhead_pct": statistics.median(pairs),
+            "overhead_pct_per_pair": spread(pairs), "inside_pct": spread(inside)}
 
 
 def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str | Path = "reports") -> dict:
@@ -183,20 +213,38 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
 
     tbackbone = backbone_for(transfer, log=lambda s: None)
     trial_cfg = transfer.model_copy(update={"lr": 2.6e-3, "frozen_layers": 0, "head_size": 64})
-    figures["e_tracking_typical_trial"] = tracking_overhead(trial_cfg, tsplits, tbackbone, repeats)
-    figures["e_tracking_full_trial"] = tracking_overhead(full.model_copy(update={"epochs": 2 if quick else 15}),
+    figures["e_tracking_typical_trial"] = tracking_overhead(trial_cfg, tsplits, tbackbone, 3 if quick else 15)
+    figures["e_tracking_full_trial"] = tracking_overhead(full.model_copy(update={"epochs": 2 if quick else 10}),
                                                          splits, None, repeats)
     log(f"(e) tracking overhead: typical trial {figures['e_tracking_typical_trial']['overhead_pct']:.1f}%, "
         f"full-data trial {figures['e_tracking_full_trial']['overhead_pct']:.1f}%")
 
     n_trials = 6 if quick else 24
-    f1, f2 = [], []
+    f1, f1_single, f2, pairs, pairs_single = [], [], [], [], []
+    threads = torch.get_num_threads()
     for r in range(1 if quick else 3):
-        f1.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r)["trials_per_min"])
-        f2.append(sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r)["trials_per_min"])
+        same = sampled_params(transfer, n_trials, seed=r)  # every sweep of this round runs exactly these trials
+        f1.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same)["trials_per_min"])
+        f2.append(sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r, trials=same)["trials_per_min"])
+        # one worker on one core, as each of the two workers is: what the sweep machinery itself scales by,
+        # apart from the second core that one worker's matrix products already use
+        torch.set_num_threads(max(1, threads // 2))
+        try:
+            f1_single.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r,
+                                           trials=same)["trials_per_min"])
+        finally:
+            torch.set_num_threads(threads)
+        pairs.append(f2[-1] / f1[-1])
+        pairs_single.append(f2[-1] / f1_single[-1])
     figures["f_workers"] = {"one_worker_trials_per_min": spread(f1), "two_workers_trials_per_min": spread(f2),
-                            "speedup": statistics.median(f2) / statistics.median(f1)}
-    log(f"(f) 2 workers vs 1: {figures['f_workers']['speedup']:.2f}x")
+                            "speedup_per_pair": spread(pairs), "speedup": statistics.median(pairs),
+                            "threads_one_worker": threads,
+                            "one_worker_one_core_trials_per_min": spread(f1_single),
+                            "speedup_vs_one_core_per_pair": spread(pairs_single),
+                            "speedup_vs_one_core": statistics.median(pairs_single)}
+    figures["f_trials"] = n_trials
+    log(f"(f) 2 workers vs 1: {figures['f_workers']['speedup']:.2f}x "
+        f"({figures['f_workers']['speedup_vs_one_core']:.2f}x vs 1 worker on one core)")
 
     pruned, unpruned = [], []
     for r in range(1 if quick else 2):
@@ -239,12 +287,20 @@ def table(f: dict) -> str:
                  f"{d['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)", "<= 3x"))
     for key, label in (("e_tracking_typical_trial", "typical sweep trial"), ("e_tracking_full_trial", "full-data trial")):
         d = f[key]
+        p = d["overhead_pct_per_pair"]
         rows.append((f"(e) MLflow vs null tracker, {label}", f"{s(d['null_s'])} vs {s(d['mlflow_s'])}",
-                     f"+{d['overhead_pct']:.1f}% (timed inside the trial: {d['inside_pct']['median']:.1f}%, "
-                     f"{d['inside_pct']['min']:.1f}-{d['inside_pct']['max']:.1f})", "<= 3%"))
+                     f"{d['overhead_pct']:+.1f}% (median of {p['n']} pairs, {p['min']:+.1f} to {p['max']:+.1f}; "
+                     f"timed inside the trial: {d['inside_pct']['median']:.1f}%)", "<= 3%"))
     d = f["f_workers"]
     rows.append(("(f) sweep throughput, 2 workers vs 1", f"{d['two_workers_trials_per_min']['median']:.1f} vs "
-                 f"{d['one_worker_trials_per_min']['median']:.1f} trials/min", f"{d['speedup']:.2f}x", ">= 1.7x"))
+                 f"{d['one_worker_trials_per_min']['median']:.1f} trials/min, the same {f['f_trials']} trials",
+                 f"{d['speedup']:.2f}x ({d['speedup_per_pair']['min']:.2f}-{d['speedup_per_pair']['max']:.2f})",
+                 ">= 1.7x"))
+    rows.append(("(f) the same, against 1 worker held to one core (as each of the 2 is)",
+                 f"{d['two_workers_trials_per_min']['median']:.1f} vs "
+                 f"{d['one_worker_one_core_trials_per_min']['median']:.1f} trials/min",
+                 f"{d['speedup_vs_one_core']:.2f}x ({d['speedup_vs_one_core_per_pair']['min']:.2f}-"
+                 f"{d['speedup_vs_one_core_per_pair']['max']:.2f})", ""))
     d = f["g_pruning"]
     rows.append(("(g) median pruner vs none, same seed and trials",
                  f"{d['epochs_with_pruner']['median']:.0f} vs {d['epochs_without']['median']:.0f} epochs; best val F1 "

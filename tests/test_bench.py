@@ -19,4 +19,4 @@ def test_quick_bench_writes_every_figure(tmp_path, monkeypatch):
     assert figures["b_ours_b64"]["speedup_vs_a"] > 1  # in-memory batches beat the DataLoader even tiny
     assert figures["d_ours_b256"]["floor_s"] > 0 and figures["f_workers"]["speedup"] > 0
     md = (tmp_path / "bench.md").read_text()
-    assert md.count("\n| (") == 11 and "tutorial loop" in md
+    assert md.count("\n| (") == 12 and "tutorial loop" in md

@@ -259,6 +259,16 @@ def test_mcnemar_bootstrap_and_pareto_on_known_inputs():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 300)
     preds = [np.where(rng.random(300) < 0.8, y, rng.integers(0, 3, 300)) for _ in range(3)]
+    # the counted metrics are sklearn's, one by one and along a batch of resamples
+    from sklearn.metrics import accuracy_score, f1_score
+
+    cases = [(y, p) for p in preds] + [(y, np.minimum(preds[0], 1)), (y[y != 2], preds[1][y != 2])]
+    for yt, yp in cases:
+        assert stats.accuracy(yt, yp) == pytest.approx(accuracy_score(yt, yp), abs=1e-12)
+        assert stats.macro_f1(yt, yp) == pytest.approx(f1_score(yt, yp, average="macro", zero_division=0), abs=1e-12)
+    idx = rng.integers(0, 300, (5, 300))
+    assert stats.macro_f1(y[idx], preds[0][idx]) == pytest.approx(
+        [f1_score(y[i], preds[0][i], average="macro", zero_division=0) for i in idx], abs=1e-12)
     low, high = stats.bootstrap_ci(y, preds, stats.macro_f1, resamples=100)
     assert low < np.mean([stats.macro_f1(y, p) for p in preds]) < high
     assert stats.bootstrap_ci(y, preds, stats.macro_f1, resamples=100) == (low, high)  # seeded: same stores, same CI
