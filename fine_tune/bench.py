@@ -106,12 +106,15 @@ def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, prune
             study = open_study(c)
             for params in trials:
                 study.enqueue_trial(params)
+        start = time.perf_counter()
         study = run_sweep(c, n_trials, workers=workers, log=lambda s: None, progress=False)
+        wall = time.perf_counter() - start
         trials = [t for t in study.trials if t.datetime_complete]
         span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
         done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        # trials per minute while trials run; what the sweep spends outside them (worker start-up) apart
         return {"trials_per_min": len(done) / span * 60, "epochs": sum(len(t.intermediate_values) for t in trials),
-                "best": study.best_value}
+                "best": study.best_value, "outside_trials_s": wall - span}
 
 
 def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -> dict:
@@ -220,12 +223,16 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
         f"full-data trial {figures['e_tracking_full_trial']['overhead_pct']:.1f}%")
 
     n_trials = 6 if quick else 24
-    f1, f1_single, f2, pairs, pairs_single = [], [], [], [], []
+    f1, f1_single, f2, pairs, pairs_single, startup1, startup2 = [], [], [], [], [], [], []
     threads = torch.get_num_threads()
     for r in range(1 if quick else 3):
         same = sampled_params(transfer, n_trials, seed=r)  # every sweep of this round runs exactly these trials
-        f1.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same)["trials_per_min"])
-        f2.append(sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r, trials=same)["trials_per_min"])
+        one = sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same)
+        two = sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r, trials=same)
+        f1.append(one["trials_per_min"])
+        f2.append(two["trials_per_min"])
+        startup1.append(one["outside_trials_s"])
+        startup2.append(two["outside_trials_s"])
         # one worker on one core, as each of the two workers is: what the sweep machinery itself scales by,
         # apart from the second core that one worker's matrix products already use
         torch.set_num_threads(max(1, threads // 2))
@@ -241,7 +248,9 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
                             "threads_one_worker": threads,
                             "one_worker_one_core_trials_per_min": spread(f1_single),
                             "speedup_vs_one_core_per_pair": spread(pairs_single),
-                            "speedup_vs_one_core": statistics.median(pairs_single)}
+                            "speedup_vs_one_core": statistics.median(pairs_single),
+                            "outside_trials_s_one_worker": spread(startup1),
+                            "outside_trials_s_two_workers": spread(startup2)}
     figures["f_trials"] = n_trials
     log(f"(f) 2 workers vs 1: {figures['f_workers']['speedup']:.2f}x "
         f"({figures['f_workers']['speedup_vs_one_core']:.2f}x vs 1 worker on one core)")
@@ -293,7 +302,9 @@ def table(f: dict) -> str:
                      f"timed inside the trial: {d['inside_pct']['median']:.1f}%)", "<= 3%"))
     d = f["f_workers"]
     rows.append(("(f) sweep throughput, 2 workers vs 1", f"{d['two_workers_trials_per_min']['median']:.1f} vs "
-                 f"{d['one_worker_trials_per_min']['median']:.1f} trials/min, the same {f['f_trials']} trials",
+                 f"{d['one_worker_trials_per_min']['median']:.1f} trials/min, the same {f['f_trials']} trials "
+                 f"(outside the trials: {d['outside_trials_s_two_workers']['median']:.1f} vs "
+                 f"{d['outside_trials_s_one_worker']['median']:.1f} s of start-up)",
                  f"{d['speedup']:.2f}x ({d['speedup_per_pair']['min']:.2f}-{d['speedup_per_pair']['max']:.2f})",
                  ">= 1.7x"))
     rows.append(("(f) the same, against 1 worker held to one core (as each of the 2 is)",

@@ -29,7 +29,8 @@ from fine_tune.config import Config
 from fine_tune.data import Splits, splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.pretrain import backbone_for
-from fine_tune.tracking import StudyTracker, check_reachable, close_run, default_uri, interrupt, rearm, shielded
+from fine_tune.tracking import (StudyTracker, check_reachable, close_run, default_uri, interrupt, rearm, shielded,
+                                warm_up)
 from fine_tune.train import train
 
 GRID_LR_POINTS = 5  # a grid over a continuous lr range takes this many log-spaced points
@@ -350,6 +351,7 @@ def work(cfg: Config, target: int, max_trials: int, threads: int | None = None, 
     backbone = backbone or backbone_for(cfg, log)
     study = study or open_study(cfg, seed_offset=1000 * worker)
     tracker = tracker or StudyTracker(cfg.study, cfg.runs_dir)
+    warm_up()
     bar = tqdm(total=target, initial=_finished(study), desc=cfg.study, unit="trial", disable=not progress,
                dynamic_ncols=True)
 

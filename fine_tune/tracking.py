@@ -269,6 +269,14 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def warm_up() -> None:
+    """Import now what the first champion of a worker needs (mlflow.pytorch, matplotlib): ~1 s that would
+    otherwise land inside a trial."""
+    import matplotlib.figure  # noqa: F401
+    import mlflow.pytorch  # noqa: F401
+    from sklearn.metrics import ConfusionMatrixDisplay  # noqa: F401
+
+
 class StudyTracker:
     """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial."""
 
