@@ -174,7 +174,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str 
 
 def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path) -> dict:
     device = pick_device("auto")
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     # (a)-(d): the tutorial's model on all ten classes
     full = Config(study="bench", classes=list(range(10)), val_per_class=600,
                   budget_per_class=200 if quick else None, runs_dir=str(scratch / "full"))
@@ -218,7 +218,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
     trial_cfg = transfer.model_copy(update={"lr": 2.6e-3, "frozen_layers": 0, "head_size": 64})
     figures["e_tracking_typical_trial"] = tracking_overhead(trial_cfg, tsplits, tbackbone, 3 if quick else 15)
     figures["e_tracking_full_trial"] = tracking_overhead(full.model_copy(update={"epochs": 2 if quick else 10}),
-                                                         splits, None, repeats)
+                                                         splits, None, 2 if quick else 3)
     log(f"(e) tracking overhead: typical trial {figures['e_tracking_typical_trial']['overhead_pct']:.1f}%, "
         f"full-data trial {figures['e_tracking_full_trial']['overhead_pct']:.1f}%")
 
