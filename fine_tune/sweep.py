@@ -204,8 +204,8 @@ class Objective:
                         include={"lr", "frozen_layers", "head_size", "weight_decay", "batch_size", "epochs",
                                  "patience"}), "trainable_params": trainable})
                     trial.set_user_attr("mlflow_run_id", run.run_id)
-            if original is not None and state.is_file():
-                run.backfill(checkpoints.load_any(state)["history"])
+            if original is not None:  # a retry: its run may hold epochs of the attempt that stopped
+                run.backfill(checkpoints.load_any(state)["history"] if state.is_file() else [])
             result = train(trial_cfg, self.splits, self.backbone, tracker=run, on_epoch=report, state_path=state)
             if result.status != "finished":
                 trial.set_user_attr("fail_reason", result.message)

@@ -145,6 +145,7 @@ class RunTracker:
         self.client, self.run_id = client, run_id
         self.buffer: list = []
         self.last_flush = time.monotonic()
+        self.logged_through = 0  # epochs the run held when a retry resumed it: replayed epochs are not logged twice
 
     @_writes
     def log_params(self, params: dict[str, Any]) -> None:
@@ -156,6 +157,11 @@ class RunTracker:
 
     @_writes
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is not None and step <= self.logged_through:
+            return  # a retry replays from its last saved state: the run already holds this epoch
+        self._buffer(metrics, step)
+
+    def _buffer(self, metrics: dict[str, float], step: int | None) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -178,13 +184,15 @@ class RunTracker:
 
     @_writes
     def backfill(self, history: list[dict[str, float]]) -> None:
-        """Log the epochs of `history` the run does not hold yet: a worker killed between two flushes lost them,
-        but its epoch checkpoint kept them."""
+        """Before a retry continues this run: log the epochs of `history` (its saved state) the run does not hold
+        (a worker killed between two flushes lost them), and note which epochs it holds, so that the epochs the
+        retry replays from its saved state are not logged twice."""
         logged = {m.step for m in self.client.get_metric_history(self.run_id, "val/f1_macro")}
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in logged:
-                self.log_metrics(metrics, step=epoch)
+                self._buffer(metrics, epoch)
         self.flush()
+        self.logged_through = max(logged | set(range(1, len(history) + 1)), default=0)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.flush(tags)
@@ -199,7 +207,7 @@ class RunTracker:
         final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k in ("best_epoch", "epochs_run")}
         final |= {f"best/{k}": result.metrics[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
         final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
-        self.log_metrics(final, step=result.best_epoch)
+        self._buffer(final, step=result.best_epoch)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "checkpoint").mkdir()
             evaluation = Path(tmp) / "evaluation"

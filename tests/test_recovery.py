@@ -40,6 +40,31 @@ def test_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path):
     assert untimed(resumed.metrics) == untimed(straight.metrics)
 
 
+def test_a_retry_logs_each_epoch_once(tmp_path):
+    """A worker flushed epochs 1-3 and died; its saved state holds epochs 1-2. The retry replays from epoch 3 into
+    the same run: the run ends with each epoch once."""
+    from fine_tune.tracking import StudyTracker
+
+    tracker = StudyTracker("retry", tmp_path)
+    history = [{"val/f1_macro": 0.1 * e, "train/loss": 1.0 / e} for e in range(1, 6)]
+    first = tracker.start_trial(0, {"lr": 0.01})
+    for epoch in (1, 2, 3):
+        first.log_metrics(history[epoch - 1], step=epoch)
+    first.flush()
+    first.log_metrics(history[3], step=4)  # buffered, lost with the worker
+
+    retry = tracker.reopen(first.run_id, 1)
+    retry.backfill(history[:2])  # the saved state
+    for epoch in (3, 4, 5):  # the replay from the state
+        retry.log_metrics(history[epoch - 1], step=epoch)
+    retry.end("FINISHED", "COMPLETE")
+    tracker.close()
+    for key in ("val/f1_macro", "train/loss"):
+        points = tracker.client.get_metric_history(first.run_id, key)
+        assert sorted(m.step for m in points) == [1, 2, 3, 4, 5]
+        assert all(m.value == history[m.step - 1][key] for m in points)
+
+
 def start_sweep(tmp_path, *args, **env):
     return subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", *args], cwd=tmp_path,
                             env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -106,7 +131,7 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     assert len(runs) == 1 and runs.status.iloc[0] == "FINISHED" and runs["tags.optuna.retry_trial_number"].iloc[0] == "1"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.run_id.iloc[0], "val/f1_macro")]
     assert done >= 1 and sorted(set(steps)) == list(range(1, 41))
-    assert len(steps) - len(set(steps)) <= 1  # resumed: at most the epoch in flight was logged twice
+    assert len(steps) == len(set(steps))  # resumed: no epoch logged twice
     assert not state.exists()
     assert "RUNNING" not in set(df.status)
 
