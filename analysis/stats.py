@@ -38,7 +38,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray | float:
 def bootstrap_ci(y_true: np.ndarray, preds: list[np.ndarray], metric, resamples: int = RESAMPLES,
                  seed: int = SEED) -> tuple[float, float]:
     """95% percentile CI of the mean over seeds of `metric`, resampling test examples (paired across seeds)."""
-    def mean_over_seeds(y, *ps, axis=-1):
+    def mean_over_seeds(y, *ps, axis=-1):  # scipy passes axis=-1; the metrics already work on the last axis
         return np.mean([metric(y, p) for p in ps], axis=0)
 
     res = stats.bootstrap((np.asarray(y_true), *map(np.asarray, preds)), mean_over_seeds, paired=True,

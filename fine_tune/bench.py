@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fine_tune import checkpoints
+from fine_tune import checkpoints, features
 from fine_tune.config import Config
 from fine_tune.data import splits_for
 from fine_tune.data import prepare as prepare_data
@@ -106,14 +106,15 @@ def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, prune
             study = open_study(c)
             for params in trials:
                 study.enqueue_trial(params)
+        features._memory.clear()  # an in-process sweep starts as cold as a spawned worker
         start = time.perf_counter()
         study = run_sweep(c, n_trials, workers=workers, log=lambda s: None, progress=False)
         wall = time.perf_counter() - start
-        trials = [t for t in study.trials if t.datetime_complete]
-        span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
-        done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        ended = [t for t in study.trials if t.datetime_complete]
+        span = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds()
+        done = [t for t in ended if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         # trials per minute while trials run; what the sweep spends outside them (worker start-up) apart
-        return {"trials_per_min": len(done) / span * 60, "epochs": sum(len(t.intermediate_values) for t in trials),
+        return {"trials_per_min": len(done) / span * 60, "epochs": sum(len(t.intermediate_values) for t in ended),
                 "best": study.best_value, "outside_trials_s": wall - span}
 
 
@@ -225,6 +226,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
     n_trials = 6 if quick else 24
     f1, f1_single, f2, pairs, pairs_single, startup1, startup2 = [], [], [], [], [], [], []
     threads = torch.get_num_threads()
+    per_worker = max(1, (os.cpu_count() or 1) // 2)  # what each of 2 workers gets (sweep._run_workers)
     for r in range(1 if quick else 3):
         same = sampled_params(transfer, n_trials, seed=r)  # every sweep of this round runs exactly these trials
         one = sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same)
@@ -235,7 +237,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
         startup2.append(two["outside_trials_s"])
         # one worker on one core, as each of the two workers is: what the sweep machinery itself scales by,
         # apart from the second core that one worker's matrix products already use
-        torch.set_num_threads(max(1, threads // 2))
+        torch.set_num_threads(per_worker)
         try:
             f1_single.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r,
                                            trials=same)["trials_per_min"])

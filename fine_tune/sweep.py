@@ -186,8 +186,11 @@ class Objective:
         original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial it continues
         state = self.state_path(trial.number if original is None else original)
 
+        inherited = set(frozen.intermediate_values)  # a retry replays epochs Optuna already holds
+
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics[cfg.sweep.objective], epoch)
+            if epoch not in inherited:
+                trial.report(metrics[cfg.sweep.objective], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 

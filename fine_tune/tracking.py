@@ -145,7 +145,7 @@ class RunTracker:
         self.client, self.run_id = client, run_id
         self.buffer: list = []
         self.last_flush = time.monotonic()
-        self.logged_through = 0  # epochs the run held when a retry resumed it: replayed epochs are not logged twice
+        self.logged_through: int | None = None  # set on a retry: epochs the run holds, not to be logged again
 
     @_writes
     def log_params(self, params: dict[str, Any]) -> None:
@@ -157,7 +157,7 @@ class RunTracker:
 
     @_writes
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if step is not None and step <= self.logged_through:
+        if step is not None and self.logged_through is not None and step <= self.logged_through:
             return  # a retry replays from its last saved state: the run already holds this epoch
         self._buffer(metrics, step)
 
@@ -224,9 +224,12 @@ class RunTracker:
     def log_confusion_png(self, result) -> None:
         """The confusion matrix as a picture. Drawn for champions only: at ~50-100 ms it cost more than all of a
         short trial's MLflow writes together; every run keeps the numbers in evaluation/confusion_matrix.json."""
-        with tempfile.TemporaryDirectory() as tmp:
-            confusion_png(result.confusion, result.class_names, Path(tmp) / "confusion_matrix.png")
-            self.client.log_artifact(self.run_id, str(Path(tmp) / "confusion_matrix.png"), "evaluation")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                confusion_png(result.confusion, result.class_names, Path(tmp) / "confusion_matrix.png")
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "confusion_matrix.png"), "evaluation")
+        except Exception as e:  # noqa: BLE001 - a picture is not worth failing a champion trial for
+            logging.getLogger(__name__).warning("confusion matrix picture not logged for run %s: %s", self.run_id, e)
 
     @_writes
     def end(self, status: str, state: str, reason: str | None = None) -> None:

@@ -129,6 +129,8 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
     snapshot, saved_at = None, time.monotonic()
     try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
+            if cfg.patience is not None and stale >= cfg.patience:
+                break  # early stop; checked first, so a run resumed after its last epoch does not train on
             # --- one pass over the labeled budget, in-memory batches
             start_time = time.perf_counter()
             model.train()
@@ -173,16 +175,17 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
                     saved_at = time.monotonic()
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-            if cfg.patience is not None and stale >= cfg.patience:
-                break
+
+        # --- the test set, once, with the best epoch's weights
+        model.load_state_dict(best_state)
+        _, test_pred = evaluate(model, splits.test, device, start)
     except KeyboardInterrupt:
         if snapshot is not None:
-            checkpoints.save(snapshot, state_path)
+            try:
+                checkpoints.save(snapshot, state_path)
+            except Exception:  # noqa: BLE001 - the interrupt must go on (the retry then replays from older state)
+                pass
         raise
-
-    # --- the test set, once, with the best epoch's weights
-    model.load_state_dict(best_state)
-    _, test_pred = evaluate(model, splits.test, device, start)
     y_test = splits.test.y.numpy()
     labels = list(range(len(splits.class_names)))
     report = classification_report(y_test, test_pred, labels=labels, target_names=splits.class_names,

@@ -138,3 +138,14 @@ def test_artifacts_live_beside_a_tracking_database_elsewhere(sweep_cfg, tmp_path
     run_sweep(cfg, progress=False, log=lambda s: None)
     assert list(elsewhere.glob("mlartifacts/*/artifacts/checkpoint/best.pt"))
     assert not (cfg.run_dir() / "mlartifacts").exists()
+
+
+def test_parent_run_counts_failures_before_any_trial_completes(sweep_cfg):
+    """The parent's summary metrics are written from the first trial on, even while none has completed."""
+    cfg = sweep_cfg(sweep={"n_trials": 1, "pruner": "none"})
+    study = optuna.create_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)), direction="maximize")
+    study.enqueue_trial({"lr": 1e12, "frozen_layers": 0, "head_size": 0})  # diverges: fails before any completes
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    parents, _ = runs_of(cfg)
+    failed = MlflowClient().get_metric_history(parents.run_id.iloc[0], "trials_failed")
+    assert (0, 1.0) in {(m.step, m.value) for m in failed}
