@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fine_tune import checkpoints, features
-from fine_tune.config import Config
+from fine_tune.config import Config, load_config
 from fine_tune.data import splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.models import build_model
@@ -202,7 +202,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
                 "s_per_epoch": spread(epochs), "speedup_vs_a": a / statistics.median(epochs), "whole_call_s": whole}
 
     ours256, _ = ours_epochs(full.model_copy(update={"batch_size": 256}), splits, None, repeats)
-    flops = fwd_bwd_flops(build_model("simplenet", 10)) * len(splits.train)
+    flops = fwd_bwd_flops(pre) * len(splits.train)
     rate = matmul_rate(device)
     floor = flops / rate
     figures["d_ours_b256"] = {"s_per_epoch": spread(ours256), "flops_per_epoch": flops, "matmul_flops_per_s": rate,
@@ -211,7 +211,8 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
         f"floor {floor:.3f} s")
 
     # (e)-(g): sweeps of the transfer experiment, the study `make sweep` runs
-    transfer = Config.model_validate({**_experiment("fashion_transfer"), "runs_dir": str(scratch / "transfer")})
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / "fashion_transfer.yaml"
+    transfer = load_config(experiment).model_copy(update={"runs_dir": str(scratch / "transfer")})
     tsplits = splits_for(transfer)
     from fine_tune.pretrain import backbone_for
 
@@ -271,12 +272,6 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
                                                          - statistics.median(p["best"] for p in pruned))}
     write(figures, out)
     return figures
-
-
-def _experiment(name: str) -> dict:
-    import yaml
-
-    return yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml").read_text())
 
 
 def table(f: dict) -> str:
