@@ -458,13 +458,14 @@ def _finished(study: optuna.Study) -> int:
     return len(_trials(study, FINISHED))
 
 
-def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int) -> None:
+def _worker_main(cfg: Config, target: int, max_trials: int, threads: int, worker: int,
+                 backbone: str | None) -> None:
     # Ctrl-C reaches the whole process group; the launcher turns it into one SIGTERM per worker, so a worker
     # ignores SIGINT rather than being interrupted twice in the middle of closing its trial.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with interruptible((signal.SIGTERM,)):
-            work(cfg, target, max_trials, threads, worker, log=lambda s: None)
+            work(cfg, target, max_trials, threads, worker, backbone=backbone, log=lambda s: None)
     except KeyboardInterrupt:
         sys.exit(143)
 
@@ -483,8 +484,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     # Check every input before anything is created: the tracking server, the data, a user's checkpoint.
     check_reachable(default_uri(cfg.runs_dir))
     prepare_data(cfg.data_dir)
-    if cfg.pretrained:
-        backbone_for(cfg, log)
+    backbone = backbone_for(cfg, log) if cfg.pretrained else None
     study = open_study(cfg)  # fails fast on an unreachable storage, before any pretraining
     tracker = StudyTracker(cfg.study, cfg.runs_dir)  # the parent run exists before any worker starts
     n = n_trials or cfg.sweep.n_trials or 10**9
@@ -496,12 +496,13 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     status = "KILLED"
     try:
         with interruptible():
-            backbone = backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
+            if not cfg.pretrained:
+                backbone = backbone_for(cfg, log)  # pretrain once, here, rather than racing in every worker
             if workers <= 1:
                 work(cfg, target, max_trials, study=study, tracker=tracker, backbone=backbone, progress=progress,
                      log=log)
             else:
-                _run_workers(cfg, study, target, max_trials, workers, progress)
+                _run_workers(cfg, study, target, max_trials, workers, progress, backbone)
             status = "FINISHED"
     finally:
         tracker.close(status)
@@ -509,10 +510,11 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
 
 
 def _run_workers(cfg: Config, study: optuna.Study, target: int, max_trials: int, workers: int,
-                 progress: bool) -> None:
+                 progress: bool, backbone: str | None) -> None:
     ctx = multiprocessing.get_context("spawn")  # no forked torch/sqlite state shared between workers
     threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker_main, args=(cfg, target, max_trials, threads, i + 1)) for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(cfg, target, max_trials, threads, i + 1, backbone))
+             for i in range(workers)]
     for p in procs:
         p.start()
     bar = tqdm(total=target, initial=_finished(study), desc=f"{cfg.study} x{workers}", unit="trial",
