@@ -385,9 +385,17 @@ class StudyTracker:
                                                   "optuna.trial_number": str(trial_number), "run_id": child.run_id})
         # Workers promote concurrently: point the alias at the best version registered so far, so that whichever
         # worker writes last, the alias ends on the true best.
-        versions = self.client.search_model_versions(f"name='{self.study_name}'")
-        best = max(versions, key=lambda v: float(v.tags.get("objective_value", "-inf")))
-        self.client.set_registered_model_alias(self.study_name, CHAMPION, best.version)
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(3):
+            versions = self.client.search_model_versions(f"name='{self.study_name}'")
+            best = max(versions, key=lambda v: float(v.tags.get("objective_value", "-inf")))
+            try:
+                self.client.set_registered_model_alias(self.study_name, CHAMPION, best.version)
+                break
+            except MlflowException:  # two workers created the alias at once (the store's unique key): look again
+                if attempt == 2:
+                    raise
         return best.version == version.version
 
     def champion(self):
