@@ -1,4 +1,6 @@
 """A real sweep on real stores: SQLite Optuna + SQLite MLflow, a few hundred Fashion-MNIST images, 2 epochs."""
+import random
+
 import mlflow
 import optuna
 import pytest
@@ -9,7 +11,7 @@ from fine_tune import checkpoints
 from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.models import build_model
-from fine_tune.sweep import make_storage, run_sweep, storage_url
+from fine_tune.sweep import CompleteTrialsOnce, make_storage, run_sweep, storage_url
 from fine_tune.train import evaluate, scores
 
 
@@ -149,3 +151,35 @@ def test_parent_run_counts_failures_before_any_trial_completes(sweep_cfg):
     parents, _ = runs_of(cfg)
     failed = MlflowClient().get_metric_history(parents.run_id.iloc[0], "trials_failed")
     assert (0, 1.0) in {(m.step, m.value) for m in failed}
+
+
+def test_median_pruner_decides_as_optunas_own_reading_complete_trials_only_when_they_change(tmp_path):
+    """At every epoch, CompleteTrialsOnce answers as MedianPruner does, also when another worker completes a trial
+    in the middle of one (a second study object on the same SQLite storage plays that worker); it reads the
+    complete trials once per completion instead of once per epoch. Pure unit test: random intermediate values."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    wrapped = CompleteTrialsOnce(optuna.pruners.MedianPruner(3, 2))
+    study = optuna.create_study(storage=url, direction="maximize", pruner=wrapped)
+    other = optuna.load_study(study_name=study.study_name, storage=url)  # the other worker
+    plain = optuna.pruners.MedianPruner(3, 2)
+    reads = []
+    get_trials = study.get_trials
+    study.get_trials = lambda deepcopy=True, states=None: reads.append(states) or get_trials(deepcopy, states)
+    rng, decisions = random.Random(0), []
+    for n in range(12):
+        trial = study.ask()
+        for epoch in range(10):
+            trial.report(rng.random(), epoch)
+            if epoch == 5 and n % 3 == 0:
+                t = other.ask()
+                for e in range(10):
+                    t.report(rng.random(), e)
+                other.tell(t, rng.random())
+            frozen = study._storage.get_trial(trial._trial_id)
+            expected = plain.prune(other, frozen)
+            assert wrapped.prune(study, frozen) == expected, (n, epoch)
+            decisions.append(expected)
+        study.tell(trial, rng.random())
+    assert any(decisions) and not all(decisions)  # both answers were exercised
+    assert 0 < len(reads) <= 12 + 4 + 1  # once per completion seen (ours and the other worker's), not per epoch
