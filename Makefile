@@ -67,7 +67,7 @@ dashboard: venv ## optuna-dashboard over the same Optuna storage, on http://127.
 	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)
 
 report: venv ## write reports/<study>/report.{md,html} for EXPERIMENT's study (also logged to its MLflow parent run)
-	$(PY) -m analysis report --study $(STUDY) $(ARGS)
+	$(PY) -m analysis report --study $(STUDY) --config $(EXPERIMENT) $(ARGS)
 
 confirm: data ## re-train the top TOP_K trials with SEEDS new seeds (then `make report` adds CIs and McNemar)
 	$(PY) -m fine_tune confirm --config $(EXPERIMENT) --top-k $(TOP_K) --seeds $(SEEDS)

@@ -1,5 +1,5 @@
-"""python -m analysis report --study NAME [--runs-dir runs] [--out reports] [--resamples 2000]
-python -m analysis compare --studies A B [...] [--runs-dir runs] [--out reports] [--resamples 2000]
+"""python -m analysis report --study NAME [--config FILE] [--runs-dir runs] [--out reports] [--resamples 2000]
+python -m analysis compare --studies A B [...] [--config FILE] [--runs-dir runs] [--out reports] [--resamples 2000]
 
 `report` writes reports/<study>/report.md and a self-contained report.html (plus the PNGs) and logs them to the
 study's MLflow parent run under report/. `compare` writes reports/compare-<a>-<b>.../. A study that does not exist
@@ -19,13 +19,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from analysis.stats import RESAMPLES
 from analysis.stores import StoreError, load_study
+from fine_tune.config import ConfigError, load_config
 
 
 def cmd_report(args) -> int:
     from analysis import report
 
     start = time.perf_counter()
-    data = load_study(args.study, args.runs_dir)
+    data = load_study(args.study, args.runs_dir, args.storage)
     folder = report.build(data, args.out, args.resamples)
     print(f"{folder / 'report.md'}\n{folder / 'report.html'}\nalso logged to MLflow: run {data.parent_run_id} "
           f"(experiment {data.name}), artifacts report/ ({time.perf_counter() - start:.1f}s)")
@@ -36,7 +37,7 @@ def cmd_compare(args) -> int:
     from analysis import compare
 
     start = time.perf_counter()
-    studies = [load_study(name, args.runs_dir) for name in args.studies]  # all of them, before writing anything
+    studies = [load_study(name, args.runs_dir, args.storage) for name in args.studies]  # all, before writing anything
     folder = compare.build(studies, args.out, args.resamples)
     print(f"{folder / 'report.md'}\n{folder / 'report.html'} ({time.perf_counter() - start:.1f}s)")
     return 0
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--study", required=True, help="study name (the `study:` key of the experiment YAML)")
         else:
             p.add_argument("--studies", nargs="+", required=True, help="two or more study names")
-        p.add_argument("--runs-dir", default="runs", help="the sweep's runs directory, holding optuna.db and "
-                                                          "mlflow.db (OPTUNA_STORAGE / MLFLOW_TRACKING_URI override)")
+        p.add_argument("--config", type=Path, help="the experiment YAML the sweep ran: its runs_dir and sweep.storage "
+                                                   "locate the stores, as they did for the sweep")
+        p.add_argument("--runs-dir", help="the sweep's runs directory, holding optuna.db and mlflow.db (default: the "
+                                          "config's, else runs; OPTUNA_STORAGE / MLFLOW_TRACKING_URI override)")
         p.add_argument("--out", type=Path, default=Path("reports"), help="where reports are written")
         p.add_argument("--resamples", type=int, default=RESAMPLES,
                        help="bootstrap resamples for the confidence intervals of re-run trials")
@@ -62,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare" and len(args.studies) < 2:
         parser.error("compare needs two or more studies: --studies A B")
     try:
+        args.storage = None
+        if args.config is not None:  # the stores where the sweep put them
+            cfg = load_config(args.config)
+            args.runs_dir, args.storage = args.runs_dir or cfg.runs_dir, cfg.sweep.storage
+        args.runs_dir = args.runs_dir or "runs"
         return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,8 +54,9 @@ class StudyData:
                                                                         ascending=[False, True])
 
 
-def optuna_url(runs_dir: str | Path) -> str:
-    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"
+def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:
+    """As the sweep chooses it: OPTUNA_STORAGE, else the experiment's `sweep.storage`, else SQLite in runs_dir."""
+    return os.environ.get("OPTUNA_STORAGE") or storage or f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"
 
 
 def tracking_uri(runs_dir: str | Path) -> str:
@@ -69,14 +70,15 @@ def _require_sqlite_file(url: str, what: str, study: str) -> None:
                          "or pass --runs-dir pointing at the sweep's runs directory")
 
 
-def load_study(name: str, runs_dir: str | Path = "runs") -> StudyData:
-    """The study `name` from both stores, or a StoreError saying what is missing and how to fix it."""
+def load_study(name: str, runs_dir: str | Path = "runs", storage: str | None = None) -> StudyData:
+    """The study `name` from both stores, or a StoreError saying what is missing and how to fix it; `storage` is
+    the experiment's `sweep.storage`, if it sets one."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, uri = optuna_url(runs_dir), tracking_uri(runs_dir)
+    url, uri = optuna_url(runs_dir, storage), tracking_uri(runs_dir)
     _require_sqlite_file(url, "Optuna storage", name)
     try:
         names = optuna.get_all_study_names(storage=url)

@@ -158,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         from fine_tune.sweep import Terminated
 
         terminated = isinstance(e, Terminated)
-        print(f"{'terminated' if terminated else 'interrupted'}: the running trial was closed and re-queued; "
-              "run the same command again to resume", file=sys.stderr)
+        closed = {"sweep": ": the running trial was closed and re-queued; run the same command again to resume",
+                  "confirm": ": the running re-run was closed as KILLED; run the same command again (finished re-runs "
+                             "are skipped)"}.get(args.verb, "")
+        print(f"{'terminated' if terminated else 'interrupted'}{closed}", file=sys.stderr)
         return 143 if terminated else 130
 
 

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.pretrain import backbone_for
-from fine_tune.sweep import context_params, storage_url, study_storage
+from fine_tune.sweep import context_params, interruptible, storage_url, study_storage
 from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, default_uri
 from fine_tune.train import train
 
@@ -38,32 +38,33 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     context = context_params(cfg, splits, backbone)
     added, status = 0, "KILLED"
     try:
-        for t in top:
-            # new seeds, never the trial's own (which would only replay it)
-            for seed in range(cfg.seed + 1, cfg.seed + 1 + seeds):
-                if (str(t.number), str(seed)) in done:
-                    continue
-                run_cfg = Config.model_validate({**cfg.model_dump(), **t.params, "seed": seed})
-                run = tracker.start_run(f"{cfg.study}/t{t.number:03d}/s{seed}",
-                                        {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(t.number),
-                                         "fine_tune.seed": str(seed)},
-                                        {**context, **t.params, "seed": seed,
-                                         "trainable_params": t.user_attrs.get("trainable_params")})
-                try:
-                    result = train(run_cfg, splits, backbone, tracker=run)
-                except BaseException as e:
-                    run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
-                    raise
-                if result.status != "finished":
-                    run.end("FAILED", "FAIL", result.message)
-                    continue
-                run.log_result(result)
-                run.end("FINISHED", "COMPLETE")
-                added += 1
-                log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
-                    f"test/accuracy {result.metrics['test/accuracy']:.4f}, test/f1_macro "
-                    f"{result.metrics['test/f1_macro']:.4f}")
-        status = "FINISHED"
+        with interruptible():  # Ctrl-C / SIGTERM: never inside a store write; the re-run in progress is closed
+            for t in top:
+                # new seeds, never the trial's own (which would only replay it)
+                for seed in range(cfg.seed + 1, cfg.seed + 1 + seeds):
+                    if (str(t.number), str(seed)) in done:
+                        continue
+                    run_cfg = Config.model_validate({**cfg.model_dump(), **t.params, "seed": seed})
+                    run = tracker.start_run(f"{cfg.study}/t{t.number:03d}/s{seed}",
+                                            {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(t.number),
+                                             "fine_tune.seed": str(seed)},
+                                            {**context, **t.params, "seed": seed,
+                                             "trainable_params": t.user_attrs.get("trainable_params")})
+                    try:  # everything that feeds or closes the run: whatever stops it, it never stays RUNNING
+                        result = train(run_cfg, splits, backbone, tracker=run)
+                        if result.status != "finished":
+                            run.end("FAILED", "FAIL", result.message)
+                            continue
+                        run.log_result(result)
+                        run.end("FINISHED", "COMPLETE")
+                    except BaseException as e:
+                        run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
+                        raise
+                    added += 1
+                    log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
+                        f"test/accuracy {result.metrics['test/accuracy']:.4f}, test/f1_macro "
+                        f"{result.metrics['test/f1_macro']:.4f}")
+            status = "FINISHED"
     finally:
         tracker.close(status)
     return added

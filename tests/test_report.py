@@ -76,6 +76,41 @@ def md_table(text: str) -> pd.DataFrame:
     return pd.DataFrame(cells[2:], columns=cells[0])
 
 
+def test_a_rerun_whose_artifacts_cannot_be_written_ends_failed_not_running(tmp_path, tiny_backbone, monkeypatch):
+    """`make confirm` when the artifact store refuses the re-run's checkpoint (here its folder is a file): the re-run
+    is closed FAILED with the reason, the error reaches the user, and the parent run is closed too."""
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    cfg = tiny_study(runs, "rep-broken", 2, tiny_backbone[0])
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    shutil.rmtree(runs / "mlartifacts")
+    (runs / "mlartifacts").write_text("not a folder")
+    with pytest.raises(OSError):
+        confirm(cfg, top_k=1, seeds=1, log=lambda s: None)
+    found = runs_of(runs, "rep-broken")
+    reruns = found[found["tags.fine_tune.role"] == "rerun"]
+    assert list(reruns.status) == ["FAILED"] and reruns["tags.fine_tune.reason"].iloc[0]
+    assert "RUNNING" not in set(found.status)
+
+
+def test_report_finds_the_stores_where_the_experiment_put_them(stores, tmp_path):
+    """An experiment whose YAML sets `runs_dir` and `sweep.storage` (an Optuna database outside the runs dir): with
+    --config, the report reads the stores the sweep wrote, as `make report` does."""
+    runs = tmp_path / "copy"
+    shutil.copytree(stores, runs)
+    (tmp_path / "elsewhere").mkdir()
+    for f in runs.glob("optuna.db*"):  # with its write-ahead log
+        f.rename(tmp_path / "elsewhere" / f.name.replace("optuna", "study"))
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(f"study: rep-a\nruns_dir: {runs}\nsweep: {{storage: 'sqlite:///{tmp_path}/elsewhere/study.db'}}\n")
+    out = tmp_path / "reports"
+    assert main(["report", "--study", "rep-a", "--runs-dir", str(runs), "--out", str(out)]) == 2  # not in runs_dir
+    assert main(["report", "--study", "rep-a", "--config", str(yaml_file), "--out", str(out),
+                 "--resamples", str(RESAMPLES)]) == 0
+    assert (out / "rep-a" / "report.md").is_file()
+
+
 @pytest.mark.slow
 def test_report_has_every_section_and_its_leaderboard_is_what_mlflow_holds(report_a, stores):
     md = (report_a / "report.md").read_text()
