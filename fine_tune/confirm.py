@@ -15,7 +15,7 @@ from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.pretrain import backbone_for
 from fine_tune.sweep import context_params, interruptible, storage_url, study_storage
-from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, default_uri
+from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, default_uri, shielded
 from fine_tune.train import train
 
 
@@ -45,12 +45,14 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
                     if (str(t.number), str(seed)) in done:
                         continue
                     run_cfg = Config.model_validate({**cfg.model_dump(), **t.params, "seed": seed})
-                    run = tracker.start_run(f"{cfg.study}/t{t.number:03d}/s{seed}",
-                                            {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(t.number),
-                                             "fine_tune.seed": str(seed)},
-                                            {**context, **t.params, "seed": seed,
-                                             "trainable_params": t.user_attrs.get("trainable_params")})
-                    try:  # everything that feeds or closes the run: whatever stops it, it never stays RUNNING
+                    run = None
+                    try:  # everything that creates, feeds or closes the run: whatever stops it, it never stays RUNNING
+                        with shielded():  # the run and our handle on it appear together (a Ctrl-C waits for both)
+                            run = tracker.start_run(f"{cfg.study}/t{t.number:03d}/s{seed}",
+                                                    {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(t.number),
+                                                     "fine_tune.seed": str(seed)},
+                                                    {**context, **t.params, "seed": seed,
+                                                     "trainable_params": t.user_attrs.get("trainable_params")})
                         result = train(run_cfg, splits, backbone, tracker=run)
                         if result.status != "finished":
                             run.end("FAILED", "FAIL", result.message)
@@ -58,7 +60,8 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
                         run.log_result(result)
                         run.end("FINISHED", "COMPLETE")
                     except BaseException as e:
-                        run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
+                        if run is not None:
+                            run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
                         raise
                     added += 1
                     log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
