@@ -10,7 +10,7 @@ import torch
 from fine_tune import checkpoints
 
 from fine_tune.data import splits_for
-from fine_tune.train import train
+from fine_tune.train import cloned, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +104,27 @@ def test_epoch_scores_equal_sklearns(tiny):
         assert got["val/accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
         assert got["val/f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0),
                                                     abs=1e-12)
+
+
+def test_cloned_state_is_untouched_by_later_training_steps():
+    """The per-epoch snapshot (model and Adam state) must not follow the live objects: pure unit test."""
+    from fine_tune.models import build_model
+
+    model = build_model("simplenet", 5, 16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    x, y = torch.randn(8, 784), torch.randint(0, 5, (8,))
+
+    def step():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    step()
+    snap = {"model": cloned(model.state_dict()), "optimizer": cloned(optimizer.state_dict())}
+    before = {k: v.clone() for k, v in snap["model"].items()}
+    exp_avg = snap["optimizer"]["state"][0]["exp_avg"].clone()
+    step()
+    assert all(torch.equal(before[k], v) for k, v in snap["model"].items())
+    assert torch.equal(snap["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the live model did move
+    model.load_state_dict(snap["model"])
+    optimizer.load_state_dict(snap["optimizer"])  # what a resumed run does with it
