@@ -5,6 +5,7 @@ each figure is the median over repeats, with its spread (min-max). Writes report
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -25,6 +26,9 @@ from fine_tune.train import pick_device, train
 
 
 def spread(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if not math.isnan(v)]  # a figure a run could not give (see steady_rate)
+    if not values:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -278,7 +282,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
                             "steady_one_worker_trials_per_min": spread(steady1),
                             "steady_two_workers_trials_per_min": spread(steady2),
                             "steady_speedup_per_pair": spread(steady_pairs),
-                            "steady_speedup": statistics.median(steady_pairs)}
+                            "steady_speedup": spread(steady_pairs)["median"]}
     figures["f_trials"] = n_trials
     log(f"(f) 2 workers vs 1: {figures['f_workers']['speedup']:.2f}x first trial to last, "
         f"{figures['f_workers']['steady_speedup']:.2f}x while both run trials "

@@ -30,44 +30,56 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     if not top:
         raise ConfigError(f"study {cfg.study!r} has no complete trials; run `make sweep` first")
     splits, backbone = splits_for(cfg), backbone_for(cfg, log)
-    tracker = StudyTracker(cfg.study, cfg.runs_dir)
-    done = {(r.data.tags.get("fine_tune.rerun_of"), r.data.tags.get("fine_tune.seed"))
-            for r in tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
-                                                max_results=10000)
-            if r.info.status == "FINISHED"}
     context = context_params(cfg, splits, backbone)
     added, status = 0, "KILLED"
-    try:
-        with interruptible():  # Ctrl-C / SIGTERM: never inside a store write; the re-run in progress is closed
+    # Ctrl-C / SIGTERM: never inside a store write; the re-run in progress and the parent run are closed
+    with interruptible():
+        tracker = StudyTracker(cfg.study, cfg.runs_dir)  # sets the parent run RUNNING: closed in `finally`
+        try:
+            done = {(r.data.tags.get("fine_tune.rerun_of"), r.data.tags.get("fine_tune.seed"))
+                    for r in tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
+                                                        max_results=10000)
+                    if r.info.status == "FINISHED"}
             for t in top:
                 # new seeds, never the trial's own (which would only replay it)
                 for seed in range(cfg.seed + 1, cfg.seed + 1 + seeds):
-                    if (str(t.number), str(seed)) in done:
-                        continue
-                    run_cfg = Config.model_validate({**cfg.model_dump(), **t.params, "seed": seed})
-                    run = None
-                    try:  # everything that creates, feeds or closes the run: whatever stops it, it never stays RUNNING
-                        with shielded():  # the run and our handle on it appear together (a Ctrl-C waits for both)
-                            run = tracker.start_run(f"{cfg.study}/t{t.number:03d}/s{seed}",
-                                                    {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(t.number),
-                                                     "fine_tune.seed": str(seed)},
-                                                    {**context, **t.params, "seed": seed,
-                                                     "trainable_params": t.user_attrs.get("trainable_params")})
-                        result = train(run_cfg, splits, backbone, tracker=run)
-                        if result.status != "finished":
-                            run.end("FAILED", "FAIL", result.message)
-                            continue
-                        run.log_result(result)
-                        run.end("FINISHED", "COMPLETE")
-                    except BaseException as e:
-                        if run is not None:
-                            run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
-                        raise
-                    added += 1
-                    log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
-                        f"test/accuracy {result.metrics['test/accuracy']:.4f}, test/f1_macro "
-                        f"{result.metrics['test/f1_macro']:.4f}")
+                    if (str(t.number), str(seed)) not in done:
+                        result = rerun(cfg, tracker, t, seed, context, splits, backbone)
+                        if result is not None:
+                            added += 1
+                            log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
+                                f"test/accuracy {result.metrics['test/accuracy']:.4f}, test/f1_macro "
+                                f"{result.metrics['test/f1_macro']:.4f}")
             status = "FINISHED"
-    finally:
-        tracker.close(status)
+        finally:
+            tracker.close(status)
     return added
+
+
+def rerun(cfg: Config, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, seed: int, context: dict,
+          splits, backbone: str | None):
+    """One re-run as a child run of the study; its result, or None if it diverged. Whatever stops it (an error,
+    Ctrl-C), its run is closed, never left RUNNING."""
+    run_cfg = Config.model_validate({**cfg.model_dump(), **trial.params, "seed": seed})
+    run = None
+    try:
+        with shielded():  # the run and our handle on it appear together (a Ctrl-C waits for both)
+            run = tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}",
+                                    {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number),
+                                     "fine_tune.seed": str(seed)},
+                                    {**context, **trial.params, "seed": seed,
+                                     "trainable_params": trial.user_attrs.get("trainable_params")})
+        result = train(run_cfg, splits, backbone, tracker=run)
+        if result.status == "finished":
+            run.log_result(result)
+        with shielded():  # a Ctrl-C during the end waits until the run is marked closed, so it is not closed twice
+            if result.status == "finished":
+                run.end("FINISHED", "COMPLETE")
+            else:
+                run.end("FAILED", "FAIL", result.message)
+            run = None
+    except BaseException as e:
+        if run is not None:
+            run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
+        raise
+    return result if result.status == "finished" else None

@@ -291,13 +291,19 @@ def requeue(trial: optuna.Trial, original: int) -> None:
         intermediate_values=dict(_frozen(trial).intermediate_values)))
 
 
+def best_of(trials: list) -> optuna.trial.FrozenTrial:
+    """The best complete trial of a list in hand (the study maximises; ties go to the earliest): study.best_trial
+    would read it from the storage and deep-copy it again."""
+    return max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+
+
 def summary(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     out: dict[str, Any] = {"trials_complete": count[TrialState.COMPLETE], "trials_pruned": count[TrialState.PRUNED],
                            "trials_failed": count[TrialState.FAIL]}
-    if count[TrialState.COMPLETE]:  # the best from the list in hand: study.best_trial reads and deep-copies it again
-        best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    if count[TrialState.COMPLETE]:
+        best = best_of(trials)
         out |= {"best_value": best.value, "best_trial": best.number,
                 **{f"best_{k}": v for k, v in best.params.items()}}
     return out
@@ -318,7 +324,7 @@ def top_table(study: optuna.Study, k: int = 10) -> str:
         return t.value
 
     trials.sort(key=lambda t: (t.state != TrialState.COMPLETE, -(shown(t) or -1.0)))
-    best = study.best_trial.number if any(t.state == TrialState.COMPLETE for t in trials) else None
+    best = best_of(trials).number if any(t.state == TrialState.COMPLETE for t in trials) else None
     head = f"{'trial':>5s} {'lr':>9s} {'frozen':>6s} {'head':>5s} {'val F1':>7s} {'val acc':>7s}  state"
     rows = [head, "-" * len(head)]
     for t in trials[:k]:

@@ -359,7 +359,11 @@ class StudyTracker:
                                      tags={"mlflow.parentRunId": self.parent.run_id,
                                            "optuna.study_name": self.study_name, **tags})
         child = RunTracker(self.client, run.info.run_id, run.info.artifact_uri)
-        child.log_params(params)
+        try:
+            child.log_params(params)
+        except Exception as e:  # the caller never gets this run to close: close it here
+            child.end("FAILED", "FAIL", f"logging its params failed: {e!r}")
+            raise
         return child
 
     def start_trial(self, number: int, params: dict[str, Any]) -> RunTracker:

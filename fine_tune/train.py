@@ -93,8 +93,11 @@ def cloned(state):
     SimpleNet and its Adam state), which a sweep of short trials pays every epoch."""
     if isinstance(state, torch.Tensor):
         return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: cloned(v) for k, v in state.items()}
+    if isinstance(state, dict):  # an OrderedDict stays one, with the module versions load_state_dict reads
+        copy = type(state)((k, cloned(v)) for k, v in state.items())
+        if hasattr(state, "_metadata"):
+            copy._metadata = state._metadata
+        return copy
     if isinstance(state, (list, tuple)):
         return type(state)(cloned(v) for v in state)
     return state

@@ -21,7 +21,7 @@ from analysis.__main__ import main
 from fine_tune.config import Config
 from fine_tune.confirm import confirm
 from fine_tune.sweep import run_sweep
-from fine_tune.tracking import StudyTracker, interrupt, rearm, shielded
+from fine_tune.tracking import RunTracker, StudyTracker, interrupt, rearm, shielded
 
 RESAMPLES = 200  # the CLI's --resamples: enough for an interval in a test, a tenth of the default's time
 SEEDS = (1, 2)  # the re-runs' seeds; the trials themselves ran with seed 0
@@ -95,29 +95,35 @@ def test_a_rerun_whose_artifacts_cannot_be_written_ends_failed_not_running(tmp_p
     assert "RUNNING" not in set(found.status)
 
 
-def test_a_ctrl_c_while_a_rerun_is_being_created_leaves_it_killed_not_running(tmp_path, tiny_backbone, monkeypatch):
-    """The Ctrl-C lands inside the store write that creates the re-run (the sweep's signal handler defers it to the
-    end of that write, as `interrupt` does here): the new run is closed KILLED, the interrupt reaches the user."""
+@pytest.mark.parametrize("cls, method, status, expected", [
+    (StudyTracker, "start_run", None, "KILLED"),  # while the re-run is created: closed KILLED
+    (RunTracker, "end", "FINISHED", "FINISHED"),  # while it is closed FINISHED: it stays so (else it is trained again)
+])
+def test_a_ctrl_c_inside_a_rerun_write_never_leaves_it_running(cls, method, status, expected, tmp_path, tiny_backbone,
+                                                               monkeypatch):
+    """The Ctrl-C lands inside a store write of `make confirm` (the signal handler defers it to the end of that
+    write, as `interrupt` does here): the re-run ends `expected`, never RUNNING, and the interrupt reaches the user."""
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path / "runs"
     cfg = tiny_study(runs, "rep-ctrl-c", 2, tiny_backbone[0])
     run_sweep(cfg, progress=False, log=lambda s: None)
-    create = StudyTracker.start_run
+    write = getattr(cls, method)
 
-    def create_then_ctrl_c(self, *args, **kwargs):
+    def write_then_ctrl_c(self, *args, **kwargs):
         with shielded():
-            run = create(self, *args, **kwargs)
-            interrupt(KeyboardInterrupt())  # what the signal handler does mid-write
-        return run
-    monkeypatch.setattr(StudyTracker, "start_run", create_then_ctrl_c)
+            out = write(self, *args, **kwargs)
+            if status is None or args[0] == status:
+                interrupt(KeyboardInterrupt())  # what the signal handler does mid-write
+        return out
+    monkeypatch.setattr(cls, method, write_then_ctrl_c)
     try:
         with pytest.raises(KeyboardInterrupt):
             confirm(cfg, top_k=1, seeds=1, log=lambda s: None)
     finally:
         rearm()
     found = runs_of(runs, "rep-ctrl-c")
-    assert list(found[found["tags.fine_tune.role"] == "rerun"].status) == ["KILLED"]
+    assert list(found[found["tags.fine_tune.role"] == "rerun"].status) == [expected]
     assert "RUNNING" not in set(found.status)
 
 

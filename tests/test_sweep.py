@@ -183,3 +183,20 @@ def test_median_pruner_decides_as_optunas_own_reading_complete_trials_only_when_
         study.tell(trial, rng.random())
     assert any(decisions) and not all(decisions)  # both answers were exercised
     assert 0 < len(reads) <= 12 + 4 + 1  # once per completion seen (ours and the other worker's), not per epoch
+
+
+def test_a_run_whose_params_the_store_refuses_is_closed_failed(tmp_path, monkeypatch):
+    """MLflow refuses a param name over its length limit after the run exists: the caller never gets the run, so
+    start_run closes it FAILED instead of leaving it RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    from fine_tune.tracking import StudyTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = StudyTracker("refused", tmp_path / "runs")
+    with pytest.raises(MlflowException):
+        tracker.start_run("refused/t000", {"fine_tune.role": "trial"}, {"lr": 0.01, "x" * 300: 1})
+    tracker.close()
+    runs = MlflowClient(tracker.uri).search_runs([tracker.experiment_id], "tags.`fine_tune.role` = 'trial'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "logging its params failed" in runs[0].data.tags["fine_tune.reason"]
