@@ -349,7 +349,7 @@ def table(f: dict) -> str:
                  f"{d['speedup_vs_one_core']:.2f}x ({d['speedup_vs_one_core_per_pair']['min']:.2f}-"
                  f"{d['speedup_vs_one_core_per_pair']['max']:.2f})", ""))
     d = f["g_pruning"]
-    rows.append(("(g) median pruner vs none, same seed and trials",
+    rows.append(("(g) median pruner vs none, same seed and trial count",
                  f"{d['epochs_with_pruner']['median']:.0f} vs {d['epochs_without']['median']:.0f} epochs; best val F1 "
                  f"{d['best_with_pruner']['median']:.4f} vs {d['best_without']['median']:.4f}",
                  f"{d['epochs_saved_pct']:.0f}% fewer epochs, best val F1 {d['best_f1_gap_points']:.2f} pt lower",
