@@ -1,11 +1,14 @@
 """Re-train a study's top trials with new seeds, so a report can tell a real win from seed noise.
 
 Each re-run is another child run of the study's MLflow parent, tagged `fine_tune.role=rerun`,
-`fine_tune.rerun_of=<trial>` and `fine_tune.seed`, named `{study}/t{NNN}/s{seed}`. Re-runs already in MLflow are
-skipped, so `make confirm` can be repeated or interrupted safely.
+`fine_tune.rerun_of=<trial>`, `fine_tune.seed` and `fine_tune.worker` (host:pid), named `{study}/t{NNN}/s{seed}`.
+Re-runs already finished in MLflow are skipped, so `make confirm` can be repeated or interrupted safely; re-runs a
+killed `make confirm` on this machine left RUNNING are closed FAILED by the next one.
 """
 from __future__ import annotations
 
+import os
+import socket
 from typing import Callable
 
 import optuna
@@ -15,7 +18,7 @@ from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.pretrain import backbone_for
 from fine_tune.sweep import context_params, interruptible, storage_url, study_storage
-from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, default_uri, shielded
+from fine_tune.tracking import PARENT_TAG, RunTracker, StudyTracker, check_reachable, default_uri, shielded
 from fine_tune.train import train
 
 
@@ -36,10 +39,11 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     with interruptible():
         tracker = StudyTracker(cfg.study, cfg.runs_dir)  # sets the parent run RUNNING: closed in `finally`
         try:
+            reruns = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
+                                                max_results=10000)
+            close_orphans(tracker, reruns, log)
             done = {(r.data.tags.get("fine_tune.rerun_of"), r.data.tags.get("fine_tune.seed"))
-                    for r in tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
-                                                        max_results=10000)
-                    if r.info.status == "FINISHED"}
+                    for r in reruns if r.info.status == "FINISHED"}
             for t in top:
                 # new seeds, never the trial's own (which would only replay it)
                 for seed in range(cfg.seed + 1, cfg.seed + 1 + seeds):
@@ -56,6 +60,32 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     return added
 
 
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def close_orphans(tracker: StudyTracker, reruns: list, log: Callable[[str], None]) -> None:
+    """Close the RUNNING re-runs of a `make confirm` on this machine that ended without closing them (SIGKILL, out
+    of memory): re-runs have no heartbeat, so their process is asked directly. Those of another machine, or of a
+    process still alive, are left alone."""
+    host = socket.gethostname()
+    for r in reruns:
+        owner = r.data.tags.get("fine_tune.worker", "")
+        if r.info.status != "RUNNING" or owner.rpartition(":")[0] != host:
+            continue
+        pid = int(owner.rpartition(":")[2])
+        try:
+            os.kill(pid, 0)
+            continue  # alive: another confirm is running it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        RunTracker(tracker.client, r.info.run_id).end("FAILED", "FAIL", f"its `make confirm` (pid {pid}) ended "
+                                                      "without closing it; re-run again by this confirm")
+        log(f"closed re-run {r.info.run_name}: its `make confirm` (pid {pid}) had ended without closing it")
+
+
 def rerun(cfg: Config, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, seed: int, context: dict,
           splits, backbone: str | None):
     """One re-run as a child run of the study; its result, or None if it diverged. Whatever stops it (an error,
@@ -66,7 +96,7 @@ def rerun(cfg: Config, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, s
         with shielded():  # the run and our handle on it appear together (a Ctrl-C waits for both)
             run = tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}",
                                     {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number),
-                                     "fine_tune.seed": str(seed)},
+                                     "fine_tune.seed": str(seed), "fine_tune.worker": _owner()},
                                     {**context, **trial.params, "seed": seed,
                                      "trainable_params": trial.user_attrs.get("trainable_params")})
         result = train(run_cfg, splits, backbone, tracker=run)

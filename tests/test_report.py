@@ -4,6 +4,7 @@ import base64
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,30 @@ def test_a_ctrl_c_inside_a_rerun_write_never_leaves_it_running(cls, method, stat
     found = runs_of(runs, "rep-ctrl-c")
     assert list(found[found["tags.fine_tune.role"] == "rerun"].status) == [expected]
     assert "RUNNING" not in set(found.status)
+
+
+def test_confirm_closes_the_reruns_a_killed_confirm_left_running(tmp_path, tiny_backbone, monkeypatch):
+    """What a `make confirm` killed with SIGKILL leaves: a RUNNING re-run tagged with its host:pid, the pid gone. The
+    next confirm closes it FAILED (and re-trains that seed); a re-run of a live process, or of another machine, is
+    left alone."""
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    cfg = tiny_study(runs, "rep-orphans", 2, tiny_backbone[0])
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tracker = StudyTracker(cfg.study, cfg.runs_dir)
+    host = socket.gethostname()
+    for name, owner in (("killed", f"{host}:{gone.pid}"), ("alive", f"{host}:{os.getpid()}"),
+                        ("elsewhere", f"another-host:{gone.pid}")):
+        tracker.start_run(name, {"fine_tune.role": "rerun", "fine_tune.rerun_of": "0", "fine_tune.seed": "1",
+                                 "fine_tune.worker": owner}, {})
+    assert confirm(cfg, top_k=1, seeds=1, log=lambda s: None) == 1
+    found = runs_of(runs, "rep-orphans").set_index("tags.mlflow.runName")
+    assert found.loc["killed", "status"] == "FAILED" and "ended without closing" in found.loc["killed",
+                                                                                             "tags.fine_tune.reason"]
+    assert found.loc["alive", "status"] == "RUNNING" and found.loc["elsewhere", "status"] == "RUNNING"
 
 
 def test_report_finds_the_stores_where_the_experiment_put_them(stores, tmp_path):
