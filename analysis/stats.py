@@ -8,31 +8,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fine_tune.metrics import accuracy, macro_f1  # noqa: F401 - the report's metrics
+
 RESAMPLES = 2000
 SEED = 0  # the bootstrap's RNG seed: the same stores give the same report
 ALPHA = 0.05
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray | float:
-    """Accuracy along the last axis: one value per row of a batch of bootstrap resamples."""
-    out = np.mean(np.asarray(y_true) == np.asarray(y_pred), axis=-1)
-    return out if np.ndim(out) else float(out)
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray | float:
-    """sklearn's `f1_score(average="macro", zero_division=0)` along the last axis (over the labels present in
-    either array; tests/test_report.py checks it against sklearn). Counted with one bincount per batch of
-    resamples: sklearn, called once per resample, made a report with re-runs take ~10 s per group of seeds."""
-    y, p = np.broadcast_arrays(np.asarray(y_true), np.asarray(y_pred))
-    y2, p2 = y.reshape(-1, y.shape[-1]), p.reshape(-1, p.shape[-1])  # one row per resample
-    rows, k = len(y2), int(max(y2.max(), p2.max())) + 1
-    cell = (np.arange(rows)[:, None] * k + y2) * k + p2
-    counts = np.bincount(cell.ravel(), minlength=rows * k * k).reshape(rows, k, k)
-    hits = np.diagonal(counts, axis1=1, axis2=2)
-    support = counts.sum(1) + counts.sum(2)  # true + predicted occurrences of each label
-    f1 = np.where(support > 0, 2 * hits / np.maximum(support, 1), np.nan)
-    out = np.nanmean(f1, axis=-1).reshape(y.shape[:-1])
-    return out if out.ndim else float(out)
 
 
 def bootstrap_ci(y_true: np.ndarray, preds: list[np.ndarray], metric, resamples: int = RESAMPLES,
