@@ -17,8 +17,8 @@ from optuna.trial import TrialState
 from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.pretrain import backbone_for
-from fine_tune.sweep import context_params, interruptible, storage_url, study_storage
-from fine_tune.tracking import PARENT_TAG, RunTracker, StudyTracker, check_reachable, default_uri, shielded
+from fine_tune.sweep import context_params, interruptible, storage_url, study_storage, worker_id
+from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, close_run, default_uri, shielded
 from fine_tune.train import train
 
 
@@ -60,29 +60,23 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     return added
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def close_orphans(tracker: StudyTracker, reruns: list, log: Callable[[str], None]) -> None:
     """Close the RUNNING re-runs of a `make confirm` on this machine that ended without closing them (SIGKILL, out
     of memory): re-runs have no heartbeat, so their process is asked directly. Those of another machine, or of a
     process still alive, are left alone."""
-    host = socket.gethostname()
     for r in reruns:
-        owner = r.data.tags.get("fine_tune.worker", "")
-        if r.info.status != "RUNNING" or owner.rpartition(":")[0] != host:
+        host, _, pid = r.data.tags.get("fine_tune.worker", "").rpartition(":")
+        if r.info.status != "RUNNING" or host != socket.gethostname():
             continue
-        pid = int(owner.rpartition(":")[2])
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
             continue  # alive: another confirm is running it
         except ProcessLookupError:
             pass
         except PermissionError:
             continue  # alive, another user's
-        RunTracker(tracker.client, r.info.run_id).end("FAILED", "FAIL", f"its `make confirm` (pid {pid}) ended "
-                                                      "without closing it; re-run again by this confirm")
+        close_run(tracker.uri, r.info.run_id, "FAILED", "FAIL",
+                  f"its `make confirm` (pid {pid}) ended without closing it; re-run again by this confirm")
         log(f"closed re-run {r.info.run_name}: its `make confirm` (pid {pid}) had ended without closing it")
 
 
@@ -96,7 +90,7 @@ def rerun(cfg: Config, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, s
         with shielded():  # the run and our handle on it appear together (a Ctrl-C waits for both)
             run = tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}",
                                     {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number),
-                                     "fine_tune.seed": str(seed), "fine_tune.worker": _owner()},
+                                     "fine_tune.seed": str(seed), "fine_tune.worker": worker_id()},
                                     {**context, **trial.params, "seed": seed,
                                      "trainable_params": trial.user_attrs.get("trainable_params")})
         result = train(run_cfg, splits, backbone, tracker=run)

@@ -195,6 +195,11 @@ def context_params(cfg: Config, splits: Splits, backbone: str | None) -> dict[st
             "objective": cfg.sweep.objective}
 
 
+def worker_id() -> str:
+    """host:pid of this process, as trials and re-runs record who runs them."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Objective:
     """One trial: sample, train (reporting each epoch to Optuna and MLflow), close the child run.
 
@@ -217,7 +222,7 @@ class Objective:
         cfg = self.cfg
         params = suggest(trial, cfg)
         trial_cfg = Config.model_validate({**cfg.model_dump(), **params})
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who runs it, for debugging
+        trial.set_user_attr("worker", worker_id())  # who runs it, for debugging
         frozen = _frozen(trial)
         original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial it continues
         state = self.state_path(trial.number if original is None else original)
