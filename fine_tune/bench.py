@@ -246,43 +246,40 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
         f"full-data trial {figures['e_tracking_full_trial']['overhead_pct']:.1f}%")
 
     n_trials = 6 if quick else 24
-    f1, f1_single, f2, pairs, pairs_single, startup1, startup2 = [], [], [], [], [], [], []
-    steady1, steady2, steady_pairs = [], [], []
     threads = torch.get_num_threads()
     per_worker = max(1, (os.cpu_count() or 1) // 2)  # what each of 2 workers gets (sweep._run_workers)
+    one, two, one_core = [], [], []  # each round's sweep figures
     for r in range(1 if quick else 3):
         same = sampled_params(transfer, n_trials, seed=r)  # every sweep of this round runs exactly these trials
-        one = sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same)
-        two = sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r, trials=same)
-        f1.append(one["trials_per_min"])
-        f2.append(two["trials_per_min"])
-        startup1.append(one["outside_trials_s"])
-        startup2.append(two["outside_trials_s"])
+        one.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same))
+        two.append(sweep_figures(transfer, tbackbone, 2, n_trials, "none", seed=r, trials=same))
         # one worker on one core, as each of the two workers is: what the sweep machinery itself scales by,
         # apart from the second core that one worker's matrix products already use
         torch.set_num_threads(per_worker)
         try:
-            f1_single.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r,
-                                           trials=same)["trials_per_min"])
+            one_core.append(sweep_figures(transfer, tbackbone, 1, n_trials, "none", seed=r, trials=same))
         finally:
             torch.set_num_threads(threads)
-        pairs.append(f2[-1] / f1[-1])
-        steady1.append(one["steady_trials_per_min"])
-        steady2.append(two["steady_trials_per_min"])
-        steady_pairs.append(steady2[-1] / steady1[-1])
-        pairs_single.append(f2[-1] / f1_single[-1])
-    figures["f_workers"] = {"one_worker_trials_per_min": spread(f1), "two_workers_trials_per_min": spread(f2),
-                            "speedup_per_pair": spread(pairs), "speedup": statistics.median(pairs),
+
+    def col(rounds: list[dict], key: str) -> list[float]:
+        return [x[key] for x in rounds]
+
+    def ratios(key: str, over: list[dict]) -> list[float]:  # 2 workers over `over`, round by round
+        return [x / y for x, y in zip(col(two, key), col(over, key))]
+    figures["f_workers"] = {"one_worker_trials_per_min": spread(col(one, "trials_per_min")),
+                            "two_workers_trials_per_min": spread(col(two, "trials_per_min")),
+                            "speedup_per_pair": spread(ratios("trials_per_min", one)),
+                            "speedup": spread(ratios("trials_per_min", one))["median"],
                             "threads_one_worker": threads,
-                            "one_worker_one_core_trials_per_min": spread(f1_single),
-                            "speedup_vs_one_core_per_pair": spread(pairs_single),
-                            "speedup_vs_one_core": statistics.median(pairs_single),
-                            "outside_trials_s_one_worker": spread(startup1),
-                            "outside_trials_s_two_workers": spread(startup2),
-                            "steady_one_worker_trials_per_min": spread(steady1),
-                            "steady_two_workers_trials_per_min": spread(steady2),
-                            "steady_speedup_per_pair": spread(steady_pairs),
-                            "steady_speedup": spread(steady_pairs)["median"]}
+                            "one_worker_one_core_trials_per_min": spread(col(one_core, "trials_per_min")),
+                            "speedup_vs_one_core_per_pair": spread(ratios("trials_per_min", one_core)),
+                            "speedup_vs_one_core": spread(ratios("trials_per_min", one_core))["median"],
+                            "outside_trials_s_one_worker": spread(col(one, "outside_trials_s")),
+                            "outside_trials_s_two_workers": spread(col(two, "outside_trials_s")),
+                            "steady_one_worker_trials_per_min": spread(col(one, "steady_trials_per_min")),
+                            "steady_two_workers_trials_per_min": spread(col(two, "steady_trials_per_min")),
+                            "steady_speedup_per_pair": spread(ratios("steady_trials_per_min", one)),
+                            "steady_speedup": spread(ratios("steady_trials_per_min", one))["median"]}
     figures["f_trials"] = n_trials
     log(f"(f) 2 workers vs 1: {figures['f_workers']['speedup']:.2f}x first trial to last, "
         f"{figures['f_workers']['steady_speedup']:.2f}x while both run trials "
