@@ -76,7 +76,7 @@ compare: venv ## compare studies side by side: make compare STUDIES="a b" -> rep
 	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)
 
 bench: data ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning) -> reports/bench.md
-	$(PY) -m fine_tune bench $(ARGS)
+	$(PY) -m benchmarks.bench $(EXPERIMENT) $(ARGS)
 
 test: data ## run the test suite (real data slices, real stores)
 	$(PY) -m pytest -q $(ARGS)

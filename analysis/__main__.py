@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             args.runs_dir, args.storage = args.runs_dir or cfg.runs_dir, cfg.sweep.storage
         args.runs_dir = args.runs_dir or "runs"
         return args.fn(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StoreError as e:
+    except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

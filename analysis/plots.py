@@ -44,15 +44,22 @@ def param_importances(study: optuna.Study, objective: str, path: Path) -> Path:
                           target_name=objective)
 
 
-def lr_vs_score(trials: pd.DataFrame, score: str, path: Path) -> Path:
-    """Learning rate (log scale) against the score, one colour per number of frozen layers."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for frozen, group in trials.groupby("frozen_layers"):
-        ax.scatter(group.lr, group[score], label=f"{frozen:g}", s=36, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set(xlabel="lr", ylabel=f"{score} (best epoch)", title=f"lr vs {score}")
-    ax.legend(title="frozen layers")
-    ax.grid(alpha=0.3)
+def continuous_vs_score(trials: pd.DataFrame, score: str, params: dict[str, bool], colour_by: str | None,
+                        path: Path) -> Path:
+    """One panel per continuous hyperparameter (log x where it was searched on a log scale) against the score, one
+    colour per value of `colour_by`."""
+    fig, axes = plt.subplots(1, len(params), figsize=(6 * len(params) + 1, 4.5), sharey=True, squeeze=False)
+    groups = trials.groupby(colour_by) if colour_by else [("all", trials)]
+    for ax, (name, log) in zip(axes[0], params.items()):
+        for value, group in groups:
+            ax.scatter(group[name], group[score], label=str(value), s=36, alpha=0.8)
+        if log:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, title=f"{name} vs {score}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{score} (best epoch)")
+    if colour_by:
+        axes[0][-1].legend(title=colour_by)
     return _save(fig, path)
 
 
@@ -67,7 +74,7 @@ def score_by(trials: pd.DataFrame, score: str, groups: list[str], path: Path) ->
         for i, v in enumerate(values):
             ys = data.loc[data[col] == v, score]
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, s=18, alpha=0.7, color="tab:blue")
-        ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in values])
         ax.set(xlabel=col, title=f"{score} by {col}")
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel(f"{score} (best epoch)")

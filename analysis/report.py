@@ -18,7 +18,7 @@ SCORE = "val/f1_macro"  # what the figures compare trials by (the best epoch's v
 TOP = 10  # trials in the leaderboard
 CURVES = 5  # trials in the learning-curve figure
 SECTIONS = ["Summary", "Leaderboard", "Optimization history", "Parameter importance",
-            "Learning rate vs validation F1", "Validation F1 by frozen layers and head size", "Learning curves",
+            "Continuous hyperparameters vs validation F1", "Validation F1 by discrete hyperparameter", "Learning curves",
             "Champion: confusion matrix and per-class scores", "Accuracy vs macro-F1",
             "Pareto front: validation F1 vs trainable parameters", "Noise-aware comparison"]
 
@@ -113,12 +113,32 @@ def summary(data: StudyData) -> list:
     ])]
 
 
+def discrete(distribution) -> bool:
+    """Whether a hyperparameter takes few enough values to group trials by: choices, or a short integer range."""
+    import optuna
+
+    return (isinstance(distribution, optuna.distributions.CategoricalDistribution)
+            or (isinstance(distribution, optuna.distributions.IntDistribution)
+                and distribution.high - distribution.low <= 10))
+
+
+def hyperparameter_columns(data: StudyData, rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """The searched hyperparameters of `rows` as table columns, each formatted for its kind."""
+    import optuna
+
+    def spec(d) -> str:
+        if isinstance(d, optuna.distributions.FloatDistribution):
+            return ".2e" if d.log else ".3g"
+        return ".0f" if isinstance(d, optuna.distributions.IntDistribution) else ""
+
+    return {name: rows[name].map(lambda v, s=spec(d): fmt(v, s) if s else str(v))
+            for name, d in data.distributions.items() if name in rows}
+
+
 def leaderboard(data: StudyData) -> list:
     top = data.complete.head(TOP)
     table = pd.DataFrame({
-        "trial": top.number.map(str), "lr": top.lr.map(lambda v: fmt(v, ".2e")),
-        "frozen_layers": top.frozen_layers.map(lambda v: fmt(v, ".0f")),
-        "head_size": top.head_size.map(lambda v: fmt(v, ".0f")),
+        "trial": top.number.map(str), **hyperparameter_columns(data, top),
         "trainable params": top.trainable_params.map(lambda v: fmt(v, ",.0f")),
         **{m: top[m].map(lambda v: fmt(v, ".4f"))
            for m in ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro")},
@@ -146,12 +166,21 @@ def search(data: StudyData, folder: Path) -> list:
                             "across the complete trials.")]
         except (ValueError, RuntimeError) as e:  # e.g. every trial sampled the same values
             blocks.append(Text(f"Parameter importance could not be computed: {e}"))
-    blocks += [Heading("Learning rate vs validation F1"),
-               Image(plots.lr_vs_score(complete.dropna(subset=["lr"]), SCORE, folder / "lr_vs_val_f1.png"),
-                     "lr vs val F1")]
-    blocks += [Heading("Validation F1 by frozen layers and head size"),
-               Image(plots.score_by(complete, SCORE, ["frozen_layers", "head_size"], folder / "val_f1_by_group.png"),
-                     "val F1 by frozen layers and head size")]
+    groups = [n for n, d in data.distributions.items() if discrete(d) and n in complete]
+    continuous = {n: getattr(d, "log", False) for n, d in data.distributions.items() if not discrete(d) and n in complete}
+    blocks.append(Heading("Continuous hyperparameters vs validation F1"))
+    if continuous:
+        blocks.append(Image(plots.continuous_vs_score(complete, SCORE, continuous, groups[0] if groups else None,
+                                                      folder / "continuous_vs_val_f1.png"),
+                            "continuous hyperparameters vs val F1"))
+    else:
+        blocks.append(Text("The study searches no continuous hyperparameter."))
+    blocks.append(Heading("Validation F1 by discrete hyperparameter"))
+    if groups:
+        blocks.append(Image(plots.score_by(complete, SCORE, groups, folder / "val_f1_by_discrete.png"),
+                            "val F1 by discrete hyperparameter"))
+    else:
+        blocks.append(Text("The study searches no discrete hyperparameter."))
     return blocks
 
 
@@ -160,8 +189,9 @@ def curves(data: StudyData, folder: Path) -> list:
 
     client = MlflowClient(data.tracking_uri)
     top = data.complete.dropna(subset=["run_id"]).head(CURVES)
-    lines = {f"t{r.number:03d} (lr {fmt(r.lr, '.1e')}, frozen {fmt(r.frozen_layers, '.0f')}, "
-             f"head {fmt(r.head_size, '.0f')})": metric_history(client, r.run_id, SCORE) for r in top.itertuples()}
+    hyper = hyperparameter_columns(data, top)
+    lines = {f"t{r.number:03d} (" + ", ".join(f"{k} {hyper[k][i]}" for k in hyper) + ")":
+             metric_history(client, r.run_id, SCORE) for i, r in zip(top.index, top.itertuples())}
     return [Heading("Learning curves"),
             Image(plots.learning_curves(lines, SCORE, folder / "learning_curves.png"), "learning curves")]
 

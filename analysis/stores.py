@@ -1,13 +1,13 @@
 """Load one study from its two stores: Optuna (trial states, values) and MLflow (params, metrics, artifacts).
 
-Store locations follow fine_tune's defaults (SQLite files under the runs directory) unless OPTUNA_STORAGE /
-MLFLOW_TRACKING_URI point elsewhere. Nothing here writes to a store, and a missing SQLite file is reported
-instead of being created empty.
+Store locations come from `fine_tune.stores` (SQLite files under the runs directory unless OPTUNA_STORAGE /
+MLFLOW_TRACKING_URI point elsewhere), the one place the sweep reads them from too. Nothing here writes to a store, and
+a missing SQLite file is reported instead of being created empty. The hyperparameters are the study's own: whatever
+its trials sampled, as Optuna records them, so a new searchable hyperparameter needs nothing here.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +16,20 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from fine_tune.stores import optuna_url, tracking_uri
+
 ROLE = "tags.fine_tune.role"
 
-# MLflow columns -> report columns. Metric names stay in the project's one vocabulary; the val/* columns are
-# the best epoch's (`best/val/*`), the values the checkpoint, the test metrics and Optuna's objective refer to.
-COLUMNS = {
-    "params.lr": "lr", "params.frozen_layers": "frozen_layers", "params.head_size": "head_size",
-    "params.weight_decay": "weight_decay", "params.batch_size": "batch_size", "params.epochs": "epochs",
-    "params.seed": "seed", "params.trainable_params": "trainable_params",
+# MLflow metric columns -> report columns. Metric names stay in the project's one vocabulary; the val/* columns are
+# the best epoch's (`best/val/*`), the values the checkpoint, the test metrics and Optuna's objective refer to. Every
+# param a run logged becomes a column under its own name (`params.lr` -> `lr`).
+METRICS = {
     "metrics.best/val/accuracy": "val/accuracy", "metrics.best/val/f1_macro": "val/f1_macro",
     "metrics.test/accuracy": "test/accuracy", "metrics.test/f1_macro": "test/f1_macro",
     "metrics.best_epoch": "best_epoch", "metrics.epochs_run": "epochs_run",
 }
+# Params the report reads whether or not the runs logged them (older runs, a store written elsewhere).
+PARAMS = ("seed", "trainable_params", "epochs")
 
 
 class StoreError(ValueError):
@@ -43,24 +45,20 @@ class StudyData:
     storage_url: str
     tracking_uri: str
     parent_run_id: str
-    trials: pd.DataFrame  # one row per Optuna trial, joined with its MLflow run (report columns, see COLUMNS)
-    reruns: pd.DataFrame  # one row per re-run (`make confirm`): rerun_of, seed and the report columns
+    trials: pd.DataFrame  # one row per Optuna trial, joined with its MLflow run (its params and METRICS)
+    reruns: pd.DataFrame  # one row per re-run (`make confirm`): rerun_of, seed and the same columns
     objective: str
+    distributions: dict[str, optuna.distributions.BaseDistribution]  # the searched hyperparameters, in order
+
+    @property
+    def hyperparameters(self) -> list[str]:
+        return list(self.distributions)
 
     @property
     def complete(self) -> pd.DataFrame:
         """Complete trials, best objective value first."""
         return self.trials[self.trials.state == "COMPLETE"].sort_values(["value", "number"],
                                                                         ascending=[False, True])
-
-
-def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:
-    """As the sweep chooses it: OPTUNA_STORAGE, else the experiment's `sweep.storage`, else SQLite in runs_dir."""
-    return os.environ.get("OPTUNA_STORAGE") or storage or f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"
-
-
-def tracking_uri(runs_dir: str | Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db"
 
 
 def _require_sqlite_file(url: str, what: str, study: str) -> None:
@@ -100,24 +98,42 @@ def load_study(name: str, runs_dir: str | Path = "runs", storage: str | None = N
         raise StoreError(f"study {name!r} has no MLflow experiment in {uri}; point MLFLOW_TRACKING_URI or "
                          "--runs-dir at the store the sweep logged to")
     runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
-    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *COLUMNS, ROLE, "tags.optuna.trial_number",
-                                                    "tags.fine_tune.rerun_of", "tags.fine_tune.seed"])))
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *METRICS, *(f"params.{p}" for p in PARAMS), ROLE,
+                                                    "tags.optuna.trial_number", "tags.fine_tune.rerun_of",
+                                                    "tags.fine_tune.seed"])))
     parents = runs[runs[ROLE] == "study"]
     if parents.empty:
         raise StoreError(f"study {name!r}: the MLflow experiment in {uri} has no parent run "
                          "(tag fine_tune.role=study); was it logged by `make sweep`?")
     parent_run_id = parents.sort_values("start_time").run_id.iloc[0]  # the earliest, as fine_tune settles on it
     runs["duration_s"] = (runs.end_time - runs.start_time).dt.total_seconds()
-    runs = runs.rename(columns=COLUMNS)
-    for col in COLUMNS.values():
-        runs[col] = pd.to_numeric(runs[col], errors="coerce")
+    params = {c: c.removeprefix("params.") for c in runs.columns if c.startswith("params.")}
+    runs = runs.rename(columns={**METRICS, **params})
+    columns = [*METRICS.values(), *params.values()]
+    for col in columns:
+        runs[col] = _typed(runs[col])
 
+    distributions: dict = {}
+    for t in study.get_trials(deepcopy=False):
+        for k, d in t.distributions.items():
+            distributions.setdefault(k, d)
     return StudyData(name=name, study=study, storage_url=url, tracking_uri=uri, parent_run_id=parent_run_id,
-                     trials=_trials(study, runs[runs[ROLE] == "trial"]), reruns=_reruns(runs[runs[ROLE] == "rerun"]),
-                     objective=study.user_attrs.get("objective", "val/f1_macro"))
+                     trials=_trials(study, runs[runs[ROLE] == "trial"], columns),
+                     reruns=_reruns(runs[runs[ROLE] == "rerun"], columns),
+                     objective=study.user_attrs.get("objective", "val/f1_macro"), distributions=distributions)
 
 
-def _trials(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
+def _typed(column: pd.Series) -> pd.Series:
+    """MLflow keeps params as strings: numbers become numbers, anything else (a model name) stays text."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    if numbers.notna().sum() != column.notna().sum():
+        return column
+    whole = numbers.dropna()
+    return numbers.astype("Int64") if len(whole) and (whole == whole.round()).all() and whole.abs().max() < 2**53 \
+        else numbers
+
+
+def _trials(study: optuna.Study, runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Optuna's view of each trial (state, value, epochs reported) beside its MLflow run's columns."""
     by_number = runs.dropna(subset=["tags.optuna.trial_number"]).drop_duplicates("tags.optuna.trial_number")
     by_number = dict(zip(by_number["tags.optuna.trial_number"].astype(int), by_number.run_id))
@@ -127,15 +143,14 @@ def _trials(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
         run_id = t.user_attrs.get("mlflow_run_id") or by_number.get(t.number)
         rows.append({"number": t.number, "state": t.state.name, "value": t.value, "run_id": run_id,
                      "epochs_reported": max(t.intermediate_values, default=np.nan)})
-    trials = pd.DataFrame(rows).merge(runs[["run_id", "status", "duration_s", *COLUMNS.values()]],
-                                      on="run_id", how="left")
+    trials = pd.DataFrame(rows).merge(runs[["run_id", "status", "duration_s", *columns]], on="run_id", how="left")
     return trials.sort_values("number").reset_index(drop=True)
 
 
-def _reruns(runs: pd.DataFrame) -> pd.DataFrame:
+def _reruns(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     reruns = runs.assign(rerun_of=pd.to_numeric(runs["tags.fine_tune.rerun_of"], errors="coerce"),
                          seed=pd.to_numeric(runs["tags.fine_tune.seed"], errors="coerce").fillna(runs.seed))
-    return reruns[["run_id", "rerun_of", "status", "duration_s", *COLUMNS.values()]].reset_index(drop=True)
+    return reruns[["run_id", "rerun_of", "status", "duration_s", *columns]].reset_index(drop=True)
 
 
 def metric_history(client, run_id: str, key: str) -> pd.Series:

@@ -1,4 +1,4 @@
-"""python -m fine_tune {data,pretrain,train,sweep,confirm,bench,keys} [--config experiments/X.yaml] [--set key=value ...]
+"""python -m fine_tune {data,pretrain,train,sweep,confirm,keys} [--config experiments/X.yaml] [--set key=value ...]
 
 Bad input (config, data, checkpoint) ends with one line on stderr and exit code 2, before anything is written.
 """
@@ -11,8 +11,9 @@ from pathlib import Path
 from fine_tune.checkpoints import CheckpointError
 from fine_tune.config import ConfigError, describe_keys, load_config
 from fine_tune.data import DataError
-from fine_tune.sweep import StorageError, WorkerDied
-from fine_tune.tracking import TrackingError
+from fine_tune.interrupts import Terminated
+from fine_tune.stores import StorageError, TrackingError
+from fine_tune.workers import WorkerDied
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, TrackingError)
 
@@ -107,14 +108,6 @@ def cmd_confirm(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from fine_tune.bench import run_bench, table
-
-    figures = run_bench(quick=args.quick, out=args.out)
-    print("\n" + table(figures) + f"\n\nwritten: {args.out}/bench.md, {args.out}/bench.json")
-    return 0
-
-
 def cmd_keys(args) -> int:
     print("config keys (YAML or --set key=value):\n" + describe_keys())
     return 0
@@ -128,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                             ("train", cmd_train, "fine-tune once and print the final table"),
                             ("sweep", cmd_sweep, "run or resume the Optuna study of the experiment"),
                             ("confirm", cmd_confirm, "re-train the study's top trials with new seeds"),
-                            ("bench", cmd_bench, "speed side by side: tutorial loop, ours, FLOP floor, tracking, workers"),
                             ("keys", cmd_keys, "list every config key with its default")):
         p = sub.add_parser(name, help=help_)
         p.set_defaults(fn=fn)
@@ -136,9 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         if name == "train":
             p.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
-        if name == "bench":
-            p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
-            p.add_argument("--out", type=Path, default=Path("reports"), help="where bench.md and bench.json go")
         if name == "confirm":
             p.add_argument("--top-k", type=int, default=3, help="how many of the best trials to re-train")
             p.add_argument("--seeds", type=int, default=3, help="new seeds per trial")
@@ -155,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        from fine_tune.sweep import Terminated
-
         terminated = isinstance(e, Terminated)
         closed = {"sweep": ": the running trial was closed and re-queued; run the same command again to resume",
                   "confirm": ": the running re-run was closed as KILLED; run the same command again (finished re-runs "

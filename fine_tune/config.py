@@ -1,17 +1,20 @@
 """The one validated config type: defaults live here, an experiment YAML holds only what differs.
 
-Every field's description doubles as `python -m fine_tune train --help-config` text. Errors become a
+Every field's description doubles as the text of `python -m fine_tune keys`. Errors become a
 `ConfigError` with one line naming the key and the problem; the CLI turns that into exit code 2.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, TypeAdapter, ValidationError,
+                      ValidationInfo, create_model, field_validator, model_validator)
 
 # Fashion-MNIST is fixed: 6,000 training and 1,000 test images per class.
 NUM_CLASSES = 10
@@ -37,6 +40,11 @@ class PretrainConfig(Strict):
     batch_size: int = Field(128, gt=0, description="pretraining batch size")
 
 
+# --- search-space dimensions: each knows how Optuna samples it and what a grid over it is
+
+GRID_POINTS = 5  # a grid over a continuous (or long integer) range takes this many points
+
+
 class FloatRange(Strict):
     low: float = Field(description="smallest value tried")
     high: float = Field(description="largest value tried")
@@ -50,6 +58,18 @@ class FloatRange(Strict):
             raise ValueError("a log range needs low > 0")
         return self
 
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def grid(self) -> list[float]:
+        if self.log:
+            lo, hi = math.log10(self.low), math.log10(self.high)
+            return [float(10 ** (lo + (hi - lo) * i / (GRID_POINTS - 1))) for i in range(GRID_POINTS)]
+        return [self.low + (self.high - self.low) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+
+    def values(self) -> list:
+        return [self.low, self.high]
+
 
 class IntRange(Strict):
     low: int = Field(description="smallest value tried")
@@ -61,25 +81,96 @@ class IntRange(Strict):
             raise ValueError(f"low ({self.low}) is above high ({self.high}); swap them")
         return self
 
+    def suggest(self, trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high)
 
-class SearchSpace(Strict):
+    def grid(self) -> list[int]:
+        if self.high - self.low < 2 * GRID_POINTS:
+            return list(range(self.low, self.high + 1))
+        return sorted({round(self.low + (self.high - self.low) * i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)})
+
+    def values(self) -> list:
+        return [self.low, self.high]
+
+
+class Choices(RootModel[list]):
+    """A list of values tried as categories (in the YAML: `head_size: [0, 32, 64]`)."""
+
+    @field_validator("root")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("the list of choices is empty; give at least one value")
+        if len(set(map(repr, v))) != len(v):
+            raise ValueError("the choices repeat; list each value once")
+        return v
+
+    def suggest(self, trial, name: str):
+        return trial.suggest_categorical(name, self.root)
+
+    def grid(self) -> list:
+        return list(self.root)
+
+    def values(self) -> list:
+        return list(self.root)
+
+
+Dimension = FloatRange | IntRange | Choices
+
+
+class Hyperparameters(Strict):
+    """What shapes one fine-tuning run and can be searched: every field here may appear under `search:` (a range
+    for numbers, a list of choices for anything), and a sweep samples, logs and reports exactly these. Adding a
+    field here makes it searchable everywhere."""
+
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    frozen_layers: int = Field(0, ge=0, description="freeze the first k backbone layers")
+    head_size: int = Field(0, ge=0, description="hidden units of the new head (0 = linear head)")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    batch_size: int = Field(64, gt=0, description="training batch size")
+    epochs: int = Field(10, gt=0, description="maximum training epochs")
+    patience: int | None = Field(None, gt=0, description="stop after this many epochs without val/f1_macro gain")
+
+
+def _dimension_type(annotation) -> Any:
+    """The search dimension a hyperparameter of this type takes: a range (a mapping) for numbers, or choices (a
+    list) for anything. The tag keeps pydantic from trying one against the other."""
+    kinds = {a for a in typing.get_args(annotation) if a is not type(None)} or {annotation}
+    number = FloatRange if float in kinds else IntRange if int in kinds and bool not in kinds else None
+    if number is None:
+        return Choices | None
+    tagged = Annotated[number, Tag("range")] | Annotated[Choices, Tag("choices")]
+    return Annotated[tagged, Discriminator(lambda v: "choices" if isinstance(v, (list, Choices)) else "range")] | None
+
+
+# One field per hyperparameter, derived: the search space cannot drift from what a run takes.
+_SearchSpaceBase = create_model(
+    "_SearchSpaceBase", __base__=Strict,
+    **{name: (_dimension_type(f.annotation), Field(None, description=f"values of `{name}` to try"))
+       for name, f in Hyperparameters.model_fields.items()})
+
+
+class SearchSpace(_SearchSpaceBase):
     """What Optuna varies; anything left out stays at the config's value."""
 
-    lr: FloatRange | None = Field(None, description="learning rate range")
-    frozen_layers: IntRange | None = Field(None, description="how many backbone layers to freeze")
-    head_size: list[int] | None = Field(None, description="hidden units of the new head (0 = linear head)")
-    weight_decay: FloatRange | None = Field(None, description="Adam weight decay range")
-    batch_size: list[int] | None = Field(None, description="batch sizes to try")
-    epochs: IntRange | None = Field(None, description="epoch budget range")
+    def dimensions(self) -> dict[str, Dimension]:
+        """The searched hyperparameters in definition order (the order Optuna samples them in)."""
+        return {name: dim for name in Hyperparameters.model_fields if (dim := getattr(self, name)) is not None}
 
-    @field_validator("head_size", "batch_size")
+    @field_validator("*")
     @classmethod
-    def _nonempty(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and not v:
-            raise ValueError("the list of choices is empty; give at least one value")
-        if v is not None and min(v) < 0:
-            raise ValueError("choices must be >= 0")
-        return v
+    def _usable(cls, dim: Dimension | None, info: ValidationInfo) -> Dimension | None:
+        """Every value a trial could be given must be one a run accepts (no negative head, no lr <= 0...)."""
+        if dim is None:
+            return dim
+        field = Hyperparameters.model_fields[info.field_name]
+        check = TypeAdapter(Annotated[field.annotation, *field.metadata])
+        for value in dim.values():
+            try:
+                check.validate_python(value, strict=isinstance(dim, Choices))
+            except ValidationError as e:
+                raise ValueError(f"{value!r} is not a value `{info.field_name}` accepts ({e.errors()[0]['msg']})") from None
+        return dim
 
 
 class SweepConfig(Strict):
@@ -100,7 +191,7 @@ class SweepConfig(Strict):
                                  "in seconds (0 = every epoch); Ctrl-C / SIGTERM save it too")
 
 
-class Config(Strict):
+class Config(Hyperparameters):
     """One fine-tuning run, or the fixed part of every trial in a sweep."""
 
     study: str = Field("fine-tune", min_length=1, description="name of the study / MLflow experiment")
@@ -113,13 +204,6 @@ class Config(Strict):
     seed: int = Field(0, description="seed for initialisation and batch order")
     pretrain: PretrainConfig | None = Field(None, description="source task to pretrain the backbone on (null = none)")
     pretrained: str | None = Field(None, description="path of your own backbone checkpoint (overrides pretrain)")
-    frozen_layers: int = Field(0, ge=0, description="freeze the first k backbone layers")
-    head_size: int = Field(0, ge=0, description="hidden units of the new head (0 = linear head)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
-    batch_size: int = Field(64, gt=0, description="training batch size")
-    epochs: int = Field(10, gt=0, description="maximum training epochs")
-    patience: int | None = Field(None, gt=0, description="stop after this many epochs without val/f1_macro gain")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device (auto: cuda > mps > cpu)")
     amp: bool = Field(False, description="bf16 autocast on CUDA (ignored elsewhere)")
     cache_features: bool = Field(True, description="compute frozen layers' outputs once and train only the rest")
@@ -138,10 +222,9 @@ class Config(Strict):
         depth = BACKBONE_DEPTH[self.model]
         if self.frozen_layers > depth:
             raise ValueError(f"frozen_layers={self.frozen_layers} but {self.model} has {depth} backbone layers")
-        if self.search and self.search.frozen_layers and self.search.frozen_layers.high > depth:
-            raise ValueError(
-                f"search.frozen_layers.high={self.search.frozen_layers.high} but {self.model} has {depth} backbone layers"
-            )
+        if self.search and self.search.frozen_layers and max(self.search.frozen_layers.values()) > depth:
+            raise ValueError(f"search.frozen_layers.high={max(self.search.frozen_layers.values())} but "
+                             f"{self.model} has {depth} backbone layers")
         used = self.val_per_class + (self.budget_per_class or 0)
         if used > TRAIN_PER_CLASS or (self.budget_per_class is None and self.val_per_class >= TRAIN_PER_CLASS):
             raise ValueError(
@@ -217,7 +300,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "config"
+    key = ".".join(str(p) for p in err["loc"] if p not in ("range", "choices")) or "config"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key; check its spelling (python -m fine_tune keys lists the valid ones)"
@@ -231,10 +314,12 @@ def _one_line(e: ValidationError) -> str:
 def describe_keys() -> str:
     """Every config key with its default and description, for `python -m fine_tune keys`."""
     lines = []
-    for model, prefix in ((Config, ""), (PretrainConfig, "pretrain."), (SweepConfig, "sweep."), (SearchSpace, "search.")):
+    for model, prefix in ((Config, ""), (PretrainConfig, "pretrain."), (SweepConfig, "sweep.")):
         for name, f in model.model_fields.items():
             if name in ("pretrain", "search", "sweep"):
                 continue
             default = f.default if not callable(f.default_factory) else f.default_factory()
             lines.append(f"  {prefix + name:26s} {f.description}  [default: {default!r}]")
+    lines.append(f"  {'search.<name>':26s} values to try for a hyperparameter: {{low, high, log}} for a number, or a "
+                 f"list of choices; <name> is one of {', '.join(Hyperparameters.model_fields)}")
     return "\n".join(lines)

@@ -1,9 +1,9 @@
 """Re-train a study's top trials with new seeds, so a report can tell a real win from seed noise.
 
 Each re-run is another child run of the study's MLflow parent, tagged `fine_tune.role=rerun`,
-`fine_tune.rerun_of=<trial>`, `fine_tune.seed` and `fine_tune.worker` (host:pid), named `{study}/t{NNN}/s{seed}`.
-Re-runs already finished in MLflow are skipped, so `make confirm` can be repeated or interrupted safely; re-runs a
-killed `make confirm` on this machine left RUNNING are closed FAILED by the next one.
+`fine_tune.rerun_of=<trial>`, `fine_tune.seed` and `fine_tune.worker` (host:pid), named `{study}/t{NNN}/s{seed}`,
+with the same params a trial logs. Re-runs already finished in MLflow are skipped, so `make confirm` can be repeated
+or interrupted safely; re-runs a killed `make confirm` on this machine left RUNNING are closed FAILED by the next one.
 """
 from __future__ import annotations
 
@@ -15,29 +15,30 @@ import optuna
 from optuna.trial import TrialState
 
 from fine_tune.config import Config, ConfigError
-from fine_tune.data import splits_for
-from fine_tune.pretrain import backbone_for
-from fine_tune.sweep import context_params, interruptible, storage_url, study_storage, worker_id
-from fine_tune.tracking import PARENT_TAG, StudyTracker, check_reachable, close_run, default_uri, shielded
+from fine_tune.interrupts import interruptible
+from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
+from fine_tune.sweep import Inputs, resolve_inputs
+from fine_tune.tracking import PARENT_TAG, StudyTracker, close_run, run_scope
 from fine_tune.train import train
+from fine_tune.workers import worker_id
 
 
 def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], None] = print) -> int:
     """Re-train the `top_k` best complete trials with `seeds` new seeds each; return how many runs were added."""
-    check_reachable(default_uri(cfg.runs_dir))
+    uri, url = tracking_uri(cfg.runs_dir), optuna_url(cfg.runs_dir, cfg.sweep.storage)
+    check_reachable(uri)
     try:
-        study = optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
+        study = optuna.load_study(study_name=cfg.study, storage=optuna_storage(url))
     except KeyError:
-        raise ConfigError(f"study {cfg.study!r} does not exist in {storage_url(cfg)}; run `make sweep` first") from None
+        raise ConfigError(f"study {cfg.study!r} does not exist in {url}; run `make sweep` first") from None
     top = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:top_k]
     if not top:
         raise ConfigError(f"study {cfg.study!r} has no complete trials; run `make sweep` first")
-    splits, backbone = splits_for(cfg), backbone_for(cfg, log)
-    context = context_params(cfg, splits, backbone)
+    inputs = resolve_inputs(cfg, log)
     added, status = 0, "KILLED"
     # Ctrl-C / SIGTERM: never inside a store write; the re-run in progress and the parent run are closed
     with interruptible():
-        tracker = StudyTracker(cfg.study, cfg.runs_dir)  # sets the parent run RUNNING: closed in `finally`
+        tracker = StudyTracker(cfg.study, uri)  # sets the parent run RUNNING: closed in `finally`
         try:
             reruns = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
                                                 max_results=10000)
@@ -48,7 +49,7 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
                 # new seeds, never the trial's own (which would only replay it)
                 for seed in range(cfg.seed + 1, cfg.seed + 1 + seeds):
                     if (str(t.number), str(seed)) not in done:
-                        result = rerun(cfg, tracker, t, seed, context, splits, backbone)
+                        result = rerun(inputs, tracker, t, seed)
                         if result is not None:
                             added += 1
                             log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
@@ -80,30 +81,18 @@ def close_orphans(tracker: StudyTracker, reruns: list, log: Callable[[str], None
         log(f"closed re-run {r.info.run_name}: its `make confirm` (pid {pid}) had ended without closing it")
 
 
-def rerun(cfg: Config, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, seed: int, context: dict,
-          splits, backbone: str | None):
+def rerun(inputs: Inputs, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, seed: int):
     """One re-run as a child run of the study; its result, or None if it diverged. Whatever stops it (an error,
     Ctrl-C), its run is closed, never left RUNNING."""
+    cfg = inputs.cfg
     run_cfg = Config.model_validate({**cfg.model_dump(), **trial.params, "seed": seed})
-    run = None
-    try:
-        with shielded():  # the run and our handle on it appear together (a Ctrl-C waits for both)
-            run = tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}",
-                                    {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number),
-                                     "fine_tune.seed": str(seed), "fine_tune.worker": worker_id()},
-                                    {**context, **trial.params, "seed": seed,
-                                     "trainable_params": trial.user_attrs.get("trainable_params")})
-        result = train(run_cfg, splits, backbone, tracker=run)
-        if result.status == "finished":
-            run.log_result(result)
-        with shielded():  # a Ctrl-C during the end waits until the run is marked closed, so it is not closed twice
-            if result.status == "finished":
-                run.end("FINISHED", "COMPLETE")
-            else:
-                run.end("FAILED", "FAIL", result.message)
-            run = None
-    except BaseException as e:
-        if run is not None:
-            run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", "FAIL", repr(e))
-        raise
-    return result if result.status == "finished" else None
+    tags = {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number), "fine_tune.seed": str(seed),
+            "fine_tune.worker": worker_id()}
+    with run_scope(lambda: tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}", tags,
+                                             inputs.run_params(run_cfg))) as run:
+        result = train(run_cfg, inputs.splits, inputs.backbone, tracker=run)
+        if result.status != "finished":
+            run.end("FAILED", "FAIL", result.message)
+            return None
+        run.log_result(result)
+    return result

@@ -30,6 +30,12 @@ def cache_key(model: Net, k: int, splits: Splits) -> str:
     return h.hexdigest()[:24]
 
 
+def clear_memory() -> None:
+    """Forget the features held in this process (the disk cache stays): the next trial starts as cold as a newly
+    spawned worker."""
+    _memory.clear()
+
+
 @torch.no_grad()
 def _through(model: Net, k: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = []

@@ -1,13 +1,14 @@
 """Experiment tracking behind one small interface; MLflow is imported here and nowhere else in fine_tune.
 
-`NullTracker` does nothing, so the training loop never asks `if tracking:`. `StudyTracker` keeps one MLflow
-tree per Optuna study: one parent run (found again by tag on resume) and one child run per trial, created with
-an explicit parent id so workers in other processes attach to the same tree.
+`NullTracker` does nothing, so the training loop never asks `if tracking:`. `StudyTracker` keeps one MLflow tree per
+Optuna study: one parent run (found again by tag on resume) and one child run per trial, created with an explicit
+parent id so workers in other processes attach to the same tree. `run_scope` is the one lifecycle of a child run:
+open, feed, and close with the status that says how it ended, never left RUNNING. The registry holds each study's
+champion model.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -15,100 +16,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
+
+from fine_tune.interrupts import shielded, store_write
+from fine_tune.stores import artifact_location, mlflow_client
 
 PARENT_TAG = "fine_tune.role"
 CHAMPION = "champion"
-
-
-# --- Ctrl-C / SIGTERM never land inside a store write
-# An interrupt raised in the middle of an SQLite write can leave this process holding the database lock, and the
-# cleanup that follows (closing the run as KILLED) then waits on itself. The sweep's signal handlers call
-# `interrupt`, which defers the exception until the write in progress has finished.
-_shield = {"depth": 0, "pending": None, "fired": False}
-
-
-@contextlib.contextmanager
-def shielded():
-    _shield["depth"] += 1
-    try:
-        yield
-    finally:
-        _shield["depth"] -= 1
-        if _shield["depth"] == 0 and _shield["pending"] is not None:
-            exc, _shield["pending"] = _shield["pending"], None
-            raise exc
-
-
-def interrupt(exc: BaseException) -> None:
-    """Raise `exc` now, or as soon as the store write in progress is done; later signals are ignored so that
-    the cleanup the first one started runs to its end."""
-    if _shield["fired"]:
-        return
-    _shield["fired"] = True
-    if _shield["depth"]:
-        _shield["pending"] = exc
-    else:
-        raise exc
-
-
-def rearm() -> None:
-    """Accept the next interrupt (a new sweep in the same process)."""
-    _shield["fired"], _shield["pending"] = False, None
-
-
-def _writes(method):
-    """Mark a method that writes to the stores: interrupts wait until it returns; its time is counted on the
-    object (`seconds`), which is how `make bench` measures tracking overhead inside a trial."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        outermost, start = _shield["depth"] == 0, time.perf_counter()
-        try:
-            with shielded():
-                return method(self, *args, **kwargs)
-        finally:
-            if outermost:  # nested writes are inside the outer one's time already
-                self.seconds = getattr(self, "seconds", 0.0) + time.perf_counter() - start
-    return wrapper
-
-
-def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
-    """WAL lets readers work beside a writer (several workers on one machine), and synchronous=NORMAL drops the
-    fsync per commit that made each per-epoch log call cost milliseconds; a crashed process loses nothing."""
-    import sqlite3
-
-    if isinstance(dbapi_connection, sqlite3.Connection):
-        cur = dbapi_connection.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-
-def _install_sqlite_pragmas() -> None:
-    import sqlalchemy
-
-    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "connect", _sqlite_pragmas):
-        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _sqlite_pragmas)
-
-
-_install_sqlite_pragmas()
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached; the message names the URI and the fix."""
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast on a tracking server that is down: MLflow's own client would retry for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-    except OSError as e:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
-                            "start it (`make server`) or fix MLFLOW_TRACKING_URI") from None
 
 
 class Tracker(Protocol):
@@ -127,10 +41,6 @@ class NullTracker:
         pass
 
 
-def default_uri(runs_dir: str | Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db"
-
-
 def metric_key(name: str) -> str:
     """Class names such as 'T-shirt/top' become valid, unambiguous metric-key parts."""
     return name.replace("/", "_")
@@ -146,16 +56,23 @@ class RunTracker:
         self.buffer: list = []
         self.last_flush = time.monotonic()
         self.logged_through: int | None = None  # set on a retry: epochs the run holds, not to be logged again
+        self.params: dict[str, Any] = {}  # waiting for the next flush
+        self.ended = False
 
-    @_writes
-    def log_params(self, params: dict[str, Any]) -> None:
+    @store_write
+    def write_params(self, params: dict[str, Any]) -> None:
+        """Log `params` now (MLflow takes at most 100 per batch)."""
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 
-    @_writes
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log `params` with the next flush of metrics (one write fewer per trial)."""
+        self.params |= params
+
+    @store_write
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if step is not None and self.logged_through is not None and step <= self.logged_through:
             return  # a retry replays from its last saved state: the run already holds this epoch
@@ -169,20 +86,22 @@ class RunTracker:
         if time.monotonic() - self.last_flush >= self.FLUSH_EVERY_S:
             self.flush()
 
-    @_writes
+    @store_write
     def flush(self, tags: dict[str, Any] | None = None) -> None:
         """Write the buffered metrics, and `tags` with them: one transaction per call (MLflow takes at most 1000
         metrics per batch)."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import Param, RunTag
 
         pending = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        while self.buffer or pending:
-            self.client.log_batch(self.run_id, metrics=self.buffer[:1000], tags=pending)
-            del self.buffer[:1000]
+        params = [Param(k, str(v)) for k, v in self.params.items()]
+        while self.buffer or pending or params:
+            self.client.log_batch(self.run_id, metrics=self.buffer[:1000], params=params[:100], tags=pending)
+            del self.buffer[:1000], params[:100]
             pending = []
+        self.params = {}
         self.last_flush = time.monotonic()
 
-    @_writes
+    @store_write
     def backfill(self, history: list[dict[str, float]]) -> None:
         """Before a retry continues this run: log the epochs of `history` (its saved state) the run does not hold
         (a worker killed between two flushes lost them), and note which epochs it holds, so that the epochs the
@@ -197,7 +116,7 @@ class RunTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.flush(tags)
 
-    @_writes
+    @store_write
     def log_result(self, result) -> None:
         """The end of a finished run: test metrics, per-class F1, best-epoch checkpoint, confusion matrix."""
         import torch
@@ -229,34 +148,56 @@ class RunTracker:
             self.artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
         return get_artifact_repository(self.artifact_uri, tracking_uri=self.client.tracking_uri)
 
-    @_writes
-    def log_confusion_png(self, result) -> None:
-        """The confusion matrix as a picture. Drawn for champions only: at ~50-100 ms it cost more than all of a
-        short trial's MLflow writes together; every run keeps the numbers in evaluation/confusion_matrix.json."""
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                confusion_png(result.confusion, result.class_names, Path(tmp) / "confusion_matrix.png")
-                self._artifacts().log_artifact(str(Path(tmp) / "confusion_matrix.png"), "evaluation")
-        except Exception as e:  # noqa: BLE001 - a picture is not worth failing a champion trial for
-            logging.getLogger(__name__).warning("confusion matrix picture not logged for run %s: %s", self.run_id, e)
+    @store_write
+    def log_file(self, path: Path, folder: str) -> None:
+        self._artifacts().log_artifact(str(path), folder)
 
-    @_writes
+    @store_write
     def end(self, status: str, state: str, reason: str | None = None) -> None:
         self.flush({"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {}))
         self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
+
+
+def interrupted_or_failed(exc: BaseException) -> tuple[str, str, str]:
+    """How a run ends when `exc` stopped it: (MLflow status, Optuna state tag, reason)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED", "FAIL", f"interrupted ({type(exc).__name__})"
+    return "FAILED", "FAIL", repr(exc)
+
+
+@contextlib.contextmanager
+def run_scope(open_run: Callable[[], RunTracker],
+              outcome: Callable[[BaseException], tuple[str, str, str]] = interrupted_or_failed) -> Iterator[RunTracker]:
+    """The life of one run: opened under the shield (the run and our handle on it appear together, so a Ctrl-C
+    cannot fall between them), yielded to be fed, then closed FINISHED when the block returns or as `outcome(exc)`
+    says when an exception (a prune, a divergence, Ctrl-C, a crash) leaves it. A run the block closed itself stays
+    as it was, and a Ctrl-C during the final write leaves it FINISHED (it is not closed twice)."""
+    run = None
+    try:
+        with shielded():
+            run = open_run()
+        yield run
+        if not run.ended:
+            run.end("FINISHED", "COMPLETE")
+    except BaseException as e:
+        if run is not None and not run.ended:
+            status, state, reason = outcome(e)
+            with shielded():
+                run.end(status, state, reason)
+        raise
 
 
 def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> None:
     """Close a run from outside the process that ran it (a worker that died)."""
-    from mlflow.tracking import MlflowClient
-
-    RunTracker(MlflowClient(uri), run_id).end(status, state, reason)
+    RunTracker(mlflow_client(uri), run_id).end(status, state, reason)
 
 
 @contextlib.contextmanager
 def _fluent_uri(uri: str):
     """MLflow's fluent API (log_model, register_model) at `uri`, leaving the process's setting as it was:
-    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, which `default_uri` reads as the user's choice."""
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, which `stores.tracking_uri` reads as the user's
+    choice."""
     import mlflow
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -267,35 +208,11 @@ def _fluent_uri(uri: str):
         mlflow.set_tracking_uri(before)
 
 
-def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> None:
-    # matplotlib's object API without pyplot, fixed margins instead of tight_layout: a third of the time per trial
-    import numpy as np
-    from matplotlib.figure import Figure
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig = Figure(figsize=(7, 6.5))
-    fig.subplots_adjust(left=0.2, bottom=0.2, right=0.97, top=0.93)
-    ax = fig.add_subplot()
-    ConfusionMatrixDisplay(np.array(matrix), display_labels=names).plot(ax=ax, colorbar=False, xticks_rotation=45)
-    ax.set_title("test confusion matrix (best epoch)")
-    fig.savefig(path, dpi=80)
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a local database (`mlartifacts/` in the database's
-    folder, so `make clean` or moving the folder takes both), while a tracking server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return None
-
-
 def warm_up() -> None:
-    """Do now what the first champion of a worker would otherwise do inside its trial: import mlflow.pytorch and
-    matplotlib (~1 s), and let MLflow map the installed packages to modules, which it does once per process when
-    it checks a logged model's requirements (~0.5-0.8 s in this 5 GB venv)."""
-    import matplotlib.figure  # noqa: F401
+    """Do now what the first champion of a worker would otherwise do inside its trial: import mlflow.pytorch, and
+    let MLflow map the installed packages to modules, which it does once per process when it checks a logged
+    model's requirements (~0.5-0.8 s in this 5 GB venv)."""
     import mlflow.pytorch  # noqa: F401
-    from sklearn.metrics import ConfusionMatrixDisplay  # noqa: F401
 
     try:  # a private helper: if a later MLflow moves it, the first champion just pays the cost again
         from mlflow.utils.requirements_utils import _init_modules_to_packages_map
@@ -305,25 +222,21 @@ def warm_up() -> None:
 
 
 class StudyTracker:
-    """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial."""
+    """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial.
 
-    def __init__(self, study_name: str, runs_dir: str | Path, uri: str | None = None):
-        from mlflow.tracking import MlflowClient
+    `uri` is resolved (and checked reachable) by the caller, once per sweep."""
 
+    def __init__(self, study_name: str, uri: str):
         # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
         logging.getLogger("mlflow").setLevel(logging.ERROR)
-        self.study_name = study_name
-        self.uri = uri or default_uri(runs_dir)
-        check_reachable(self.uri)
-        Path(runs_dir).mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(self.uri)
+        self.study_name, self.uri = study_name, uri
+        self.client = mlflow_client(uri)
         exp = self.client.get_experiment_by_name(study_name)
         if exp is None:
-            location = artifact_location(self.uri)
             from mlflow.exceptions import MlflowException
 
             try:
-                self.experiment_id = self.client.create_experiment(study_name, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(study_name, artifact_location=artifact_location(uri))
             except MlflowException:  # another worker created it first
                 self.experiment_id = self.client.get_experiment_by_name(study_name).experiment_id
         else:
@@ -352,7 +265,7 @@ class StudyTracker:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    @_writes
+    @store_write
     def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> RunTracker:
         """A child run of the study's parent, created with an explicit parent id (works from any process)."""
         run = self.client.create_run(self.experiment_id, run_name=name,
@@ -360,7 +273,7 @@ class StudyTracker:
                                            "optuna.study_name": self.study_name, **tags})
         child = RunTracker(self.client, run.info.run_id, run.info.artifact_uri)
         try:
-            child.log_params(params)
+            child.write_params(params)
         except Exception as e:  # the caller never gets this run to close: close it here
             child.end("FAILED", "FAIL", f"logging its params failed: {e!r}")
             raise
@@ -370,7 +283,7 @@ class StudyTracker:
         return self.start_run(f"{self.study_name}/t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
                                                                    "optuna.trial_state": "RUNNING"}, params)
 
-    @_writes
+    @store_write
     def reopen(self, run_id: str, retry_number: int) -> RunTracker:
         """Continue a trial's run after its worker died: the retry logs into the same run."""
         self.client.update_run(run_id, status="RUNNING")
@@ -378,14 +291,14 @@ class StudyTracker:
         run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number})
         return run
 
-    @_writes
+    @store_write
     def summarise(self, summary: dict[str, Any]) -> None:
         """Refresh the parent run's summary (best value and params, counts by state)."""
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
         self.parent.flush({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
 
-    @_writes
+    @store_write
     def promote(self, child: RunTracker, model, value: float, objective: str, trial_number: int) -> bool:
         """Register `model` as the study's champion if `value` beats the current champion's; say whether it did."""
         import mlflow
@@ -426,6 +339,6 @@ class StudyTracker:
         except MlflowException:  # no registered model or no alias yet
             return None
 
-    @_writes
+    @store_write
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent.run_id, status=status)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,8 +19,8 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from fine_tune import checkpoints
 from fine_tune.config import Config
-from fine_tune.metrics import accuracy, macro_f1
 from fine_tune.data import Split, Splits, splits_for
+from fine_tune.metrics import accuracy, macro_f1
 from fine_tune.features import frozen_features
 from fine_tune.models import Net, build_model, count_params
 from fine_tune.tracking import NullTracker, Tracker
@@ -100,18 +100,19 @@ def cloned(state):
 
 def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None,
           tracker: Tracker | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-          state_path: str | Path | None = None) -> Result:
+          state_path: str | Path | None = None, state_every_s: float = 5.0) -> Result:
     """Fine-tune per `cfg`; return the best epoch's val metrics and its test metrics.
 
     `on_epoch(epoch, metrics)` runs after each epoch's validation; it may raise (Optuna's TrialPruned) to stop.
     With `state_path`, the full training state after the last finished epoch is saved there atomically every
-    `cfg.sweep.state_every_s` seconds and when the run is interrupted (KeyboardInterrupt), and a run that finds one
+    `state_every_s` seconds (0: every epoch) and when the run is interrupted (KeyboardInterrupt), and a run that finds one
     there continues after that epoch instead of starting over.
     """
     tracker = tracker or NullTracker()
     splits = splits or splits_for(cfg)
     device = pick_device(cfg.device)
     model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
+    tracker.log_params({"trainable_params": count_params(model)})
     start = 0  # where the forward pass begins: after the frozen layers when their outputs are cached
     if cfg.cache_features and cfg.frozen_layers > 0:
         splits = frozen_features(model, cfg.frozen_layers, splits, device, cfg.run_dir() / "feature_cache")
@@ -180,7 +181,7 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
                             "optimizer": cloned(optimizer.state_dict()), "generator": gen.get_state(),
                             "history": list(history), "best_state": best_state, "best_f1": best_f1,
                             "best_epoch": best_epoch, "stale": stale}
-                if time.monotonic() - saved_at >= cfg.sweep.state_every_s:
+                if time.monotonic() - saved_at >= state_every_s:
                     checkpoints.save(snapshot, state_path)
                     saved_at = time.monotonic()
             if on_epoch is not None:

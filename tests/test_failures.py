@@ -7,7 +7,7 @@ import torch
 from fine_tune.__main__ import main
 from fine_tune.models import build_model
 
-from conftest import write_experiment
+from helpers import write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_KEYS = "classes: [5, 6, 7, 8, 9]\nsearch: {lr: {low: 1.0e-3, high: 1.0e-2, log: true}}\n"
@@ -67,8 +67,6 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, tmp_path, monkeypatch, capsys, tiny_backbone):
     make, message = CASES[case]
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FINE_TUNE_DATA", str(ROOT / "data"))  # else the data would be extracted into tmp_path
     monkeypatch.chdir(tmp_path)
     make(tmp_path, tiny_backbone[0], monkeypatch)

@@ -11,10 +11,9 @@ import pytest
 import sqlalchemy
 
 from fine_tune.data import splits_for
-from fine_tune.sweep import make_storage
+from fine_tune.stores import optuna_storage
 from fine_tune.train import train
-
-from conftest import cli_env, write_experiment
+from helpers import cli_env, runs_of, study_in, write_experiment
 
 
 def untimed(d):
@@ -38,31 +37,6 @@ def test_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path):
     assert epochs == [3, 4]  # continued, not restarted
     assert [untimed(h) for h in resumed.history] == [untimed(h) for h in straight.history]
     assert untimed(resumed.metrics) == untimed(straight.metrics)
-
-
-def test_a_retry_logs_each_epoch_once(tmp_path):
-    """A worker flushed epochs 1-3 and died; its saved state holds epochs 1-2. The retry replays from epoch 3 into
-    the same run: the run ends with each epoch once."""
-    from fine_tune.tracking import StudyTracker
-
-    tracker = StudyTracker("retry", tmp_path)
-    history = [{"val/f1_macro": 0.1 * e, "train/loss": 1.0 / e} for e in range(1, 6)]
-    first = tracker.start_trial(0, {"lr": 0.01})
-    for epoch in (1, 2, 3):
-        first.log_metrics(history[epoch - 1], step=epoch)
-    first.flush()
-    first.log_metrics(history[3], step=4)  # buffered, lost with the worker
-
-    retry = tracker.reopen(first.run_id, 1)
-    retry.backfill(history[:2])  # the saved state
-    for epoch in (3, 4, 5):  # the replay from the state
-        retry.log_metrics(history[epoch - 1], step=epoch)
-    retry.end("FINISHED", "COMPLETE")
-    tracker.close()
-    for key in ("val/f1_macro", "train/loss"):
-        points = tracker.client.get_metric_history(first.run_id, key)
-        assert sorted(m.step for m in points) == [1, 2, 3, 4, 5]
-        assert all(m.value == history[m.step - 1][key] for m in points)
 
 
 def start_sweep(tmp_path, *args, **env):
@@ -93,11 +67,7 @@ def running_trials(tmp_path, study_name: str, epochs: int = 1) -> list:
 
 
 def stores(tmp_path, study):
-    runs = tmp_path / "runs"
-    mlflow.set_tracking_uri(f"sqlite:///{runs.resolve()}/mlflow.db")
-    df = mlflow.search_runs(experiment_names=[study])
-    optuna_study = optuna.load_study(study_name=study, storage=make_storage(f"sqlite:///{runs.resolve()}/optuna.db"))
-    return df, optuna_study
+    return runs_of(tmp_path / "runs", study), study_in(tmp_path / "runs", study)
 
 
 @pytest.mark.slow
@@ -140,7 +110,7 @@ def pid_running_a_trial(tmp_path, study_name: str) -> int:
     """The pid of a worker in the middle of a trial: past its first epoch checkpoint, as recorded by the trial."""
     states = tmp_path / "runs" / "trial_state" / study_name
     wait_for(states.exists)  # the sweep has created its stores and started a trial
-    storage = make_storage(f"sqlite:///{(tmp_path / 'runs').resolve()}/optuna.db")
+    storage = optuna_storage(f"sqlite:///{(tmp_path / 'runs').resolve()}/optuna.db")
     found = []
 
     def running():

@@ -4,7 +4,6 @@ import base64
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,23 +18,14 @@ from mlflow.tracking import MlflowClient
 
 from analysis import compare, report, stats
 from analysis.__main__ import main
-from fine_tune.config import Config
 from fine_tune.confirm import confirm
 from fine_tune.sweep import run_sweep
-from fine_tune.tracking import RunTracker, StudyTracker, interrupt, rearm, shielded
+from helpers import runs_of, tiny_sweep
 
 RESAMPLES = 200  # the CLI's --resamples: enough for an interval in a test, a tenth of the default's time
 SEEDS = (1, 2)  # the re-runs' seeds; the trials themselves ran with seed 0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_study(runs: Path, study: str, n_trials: int, backbone: str) -> Config:
-    return Config(study=study, classes=[5, 6, 7, 8, 9], budget_per_class=20, val_per_class=20, test_per_class=40,
-                  epochs=2, pretrained=backbone, runs_dir=str(runs),
-                  search={"lr": {"low": 1e-3, "high": 3e-2, "log": True}, "frozen_layers": {"low": 0, "high": 2},
-                          "head_size": [0, 16]},
-                  sweep={"n_trials": n_trials, "pruner": "none"})
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +35,10 @@ def stores(tmp_path_factory, tiny_backbone):
     env.delenv("OPTUNA_STORAGE", raising=False)
     env.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path_factory.mktemp("report") / "runs"
-    a = tiny_study(runs, "rep-a", 4, tiny_backbone[0])
+    a = tiny_sweep(runs, tiny_backbone[0], "rep-a", 4)
     run_sweep(a, progress=False, log=lambda s: None)
     assert confirm(a, top_k=2, seeds=len(SEEDS), log=lambda s: None) == 4  # what `make confirm` records
-    run_sweep(tiny_study(runs, "rep-b", 3, tiny_backbone[0]), progress=False, log=lambda s: None)
+    run_sweep(tiny_sweep(runs, tiny_backbone[0], "rep-b", 3), progress=False, log=lambda s: None)
     yield runs
     env.undo()
 
@@ -61,11 +51,6 @@ def report_a(stores):
     return out / "rep-a"
 
 
-def runs_of(runs: Path, study: str) -> pd.DataFrame:
-    mlflow.set_tracking_uri(f"sqlite:///{runs}/mlflow.db")
-    return mlflow.search_runs(experiment_names=[study])
-
-
 def section(md: str, heading: str) -> str:
     """The text under `## heading`, up to the next `## `."""
     return md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
@@ -76,80 +61,6 @@ def md_table(text: str) -> pd.DataFrame:
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     cells = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
     return pd.DataFrame(cells[2:], columns=cells[0])
-
-
-def test_a_rerun_whose_artifacts_cannot_be_written_ends_failed_not_running(tmp_path, tiny_backbone, monkeypatch):
-    """`make confirm` when the artifact store refuses the re-run's checkpoint (here its folder is a file): the re-run
-    is closed FAILED with the reason, the error reaches the user, and the parent run is closed too."""
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    runs = tmp_path / "runs"
-    cfg = tiny_study(runs, "rep-broken", 2, tiny_backbone[0])
-    run_sweep(cfg, progress=False, log=lambda s: None)
-    shutil.rmtree(runs / "mlartifacts")
-    (runs / "mlartifacts").write_text("not a folder")
-    with pytest.raises(OSError):
-        confirm(cfg, top_k=1, seeds=1, log=lambda s: None)
-    found = runs_of(runs, "rep-broken")
-    reruns = found[found["tags.fine_tune.role"] == "rerun"]
-    assert list(reruns.status) == ["FAILED"] and reruns["tags.fine_tune.reason"].iloc[0]
-    assert "RUNNING" not in set(found.status)
-
-
-@pytest.mark.parametrize("cls, method, status, expected", [
-    (StudyTracker, "start_run", None, "KILLED"),  # while the re-run is created: closed KILLED
-    (RunTracker, "end", "FINISHED", "FINISHED"),  # while it is closed FINISHED: it stays so (else it is trained again)
-])
-def test_a_ctrl_c_inside_a_rerun_write_never_leaves_it_running(cls, method, status, expected, tmp_path, tiny_backbone,
-                                                               monkeypatch):
-    """The Ctrl-C lands inside a store write of `make confirm` (the signal handler defers it to the end of that
-    write, as `interrupt` does here): the re-run ends `expected`, never RUNNING, and the interrupt reaches the user."""
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    runs = tmp_path / "runs"
-    cfg = tiny_study(runs, "rep-ctrl-c", 2, tiny_backbone[0])
-    run_sweep(cfg, progress=False, log=lambda s: None)
-    write = getattr(cls, method)
-
-    def write_then_ctrl_c(self, *args, **kwargs):
-        with shielded():
-            out = write(self, *args, **kwargs)
-            if status is None or args[0] == status:
-                interrupt(KeyboardInterrupt())  # what the signal handler does mid-write
-        return out
-    monkeypatch.setattr(cls, method, write_then_ctrl_c)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            confirm(cfg, top_k=1, seeds=1, log=lambda s: None)
-    finally:
-        rearm()
-    found = runs_of(runs, "rep-ctrl-c")
-    assert list(found[found["tags.fine_tune.role"] == "rerun"].status) == [expected]
-    assert "RUNNING" not in set(found.status)
-
-
-def test_confirm_closes_the_reruns_a_killed_confirm_left_running(tmp_path, tiny_backbone, monkeypatch):
-    """What a `make confirm` killed with SIGKILL leaves: a RUNNING re-run tagged with its host:pid, the pid gone. The
-    next confirm closes it FAILED (and re-trains that seed); a re-run of a live process, or of another machine, is
-    left alone."""
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    runs = tmp_path / "runs"
-    cfg = tiny_study(runs, "rep-orphans", 2, tiny_backbone[0])
-    run_sweep(cfg, progress=False, log=lambda s: None)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    tracker = StudyTracker(cfg.study, cfg.runs_dir)
-    host = socket.gethostname()
-    for name, owner in (("killed", f"{host}:{gone.pid}"), ("alive", f"{host}:{os.getpid()}"),
-                        ("elsewhere", f"another-host:{gone.pid}")):
-        tracker.start_run(name, {"fine_tune.role": "rerun", "fine_tune.rerun_of": "0", "fine_tune.seed": "1",
-                                 "fine_tune.worker": owner}, {})
-    assert confirm(cfg, top_k=1, seeds=1, log=lambda s: None) == 1
-    found = runs_of(runs, "rep-orphans").set_index("tags.mlflow.runName")
-    assert found.loc["killed", "status"] == "FAILED" and "ended without closing" in found.loc["killed",
-                                                                                             "tags.fine_tune.reason"]
-    assert found.loc["alive", "status"] == "RUNNING" and found.loc["elsewhere", "status"] == "RUNNING"
 
 
 def test_report_finds_the_stores_where_the_experiment_put_them(stores, tmp_path):
@@ -196,8 +107,8 @@ def test_report_has_every_section_and_its_leaderboard_is_what_mlflow_holds(repor
 def test_report_images_are_pngs_beside_the_markdown_and_inside_the_html(report_a):
     md, page = (report_a / "report.md").read_text(), (report_a / "report.html").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert set(linked) == {"optimization_history.png", "param_importances.png", "lr_vs_val_f1.png",
-                           "val_f1_by_group.png", "learning_curves.png", "champion_confusion_matrix.png",
+    assert set(linked) == {"optimization_history.png", "param_importances.png", "continuous_vs_val_f1.png",
+                           "val_f1_by_discrete.png", "learning_curves.png", "champion_confusion_matrix.png",
                            "accuracy_vs_f1.png", "pareto_front.png"}
     for name in linked:
         data = (report_a / name).read_bytes()
@@ -290,8 +201,7 @@ def test_a_missing_study_is_one_line_and_exit_2(stores, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_runs_dir_without_stores_is_one_line_and_creates_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+def test_a_runs_dir_without_stores_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert main(["report", "--study", "rep-a", "--runs-dir", str(tmp_path / "runs"),
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -15,9 +15,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fine_tune.sweep import make_storage
-
-from conftest import cli_env, write_experiment
+from helpers import cli_env, study_in, write_experiment
 
 PG = "postgresql://127.0.0.1:5432"
 
@@ -47,7 +45,7 @@ def test_two_local_workers_share_a_sqlite_study(tmp_path, tiny_backbone):
     assert p.returncode == 0, p.stderr
     assert "locked" not in p.stderr
     runs = (tmp_path / "runs").resolve()
-    study = optuna.load_study(study_name="local2", storage=make_storage(f"sqlite:///{runs}/optuna.db"))
+    study = study_in(runs, "local2")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 8
     client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
     check_tree(client, client.get_experiment_by_name("local2"), 8)

@@ -1,6 +1,4 @@
 """A real sweep on real stores: SQLite Optuna + SQLite MLflow, a few hundred Fashion-MNIST images, 2 epochs."""
-import random
-
 import mlflow
 import optuna
 import pytest
@@ -8,35 +6,23 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fine_tune import checkpoints
-from fine_tune.config import Config, ConfigError
+from fine_tune.config import ConfigError
 from fine_tune.data import splits_for
 from fine_tune.models import build_model
-from fine_tune.sweep import CompleteTrialsOnce, make_storage, run_sweep, storage_url
+from fine_tune.stores import optuna_storage, optuna_url
+from fine_tune.sweep import run_sweep
 from fine_tune.train import evaluate, scores
+from helpers import runs_of, study_in, tiny_sweep
 
 
 @pytest.fixture
-def sweep_cfg(tmp_path, tiny_backbone, monkeypatch):
-    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-    def make(**kw) -> Config:
-        fields = dict(study="tiny-sweep", classes=[5, 6, 7, 8, 9], budget_per_class=20, val_per_class=20,
-                      test_per_class=40, epochs=2, pretrained=tiny_backbone[0], runs_dir=str(tmp_path / "runs"),
-                      search={"lr": {"low": 1e-3, "high": 3e-2, "log": True}, "frozen_layers": {"low": 0, "high": 2},
-                              "head_size": [0, 16]},
-                      sweep={"n_trials": 3, "pruner": "none"})
-        fields.update(kw)
-        return Config(**fields)
-    return make
+def sweep_cfg(tmp_path, tiny_backbone):
+    return lambda **kw: tiny_sweep(tmp_path / "runs", tiny_backbone[0], **kw)
 
 
-def runs_of(cfg):
-    mlflow.set_tracking_uri(f"sqlite:///{cfg.run_dir().resolve()}/mlflow.db")
-    df = mlflow.search_runs(experiment_names=[cfg.study])
-    parents = df[df["tags.fine_tune.role"] == "study"]
-    children = df[df["tags.fine_tune.role"] == "trial"]
-    return parents, children
+def runs_by_role(cfg):
+    df = runs_of(cfg.runs_dir, cfg.study)
+    return df[df["tags.fine_tune.role"] == "study"], df[df["tags.fine_tune.role"] == "trial"]
 
 
 def val_f1_of(state, params, cfg, splits):
@@ -49,7 +35,7 @@ def val_f1_of(state, params, cfg, splits):
 def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tmp_path):
     cfg = sweep_cfg()
     study = run_sweep(cfg, progress=False, log=lambda s: None)
-    parents, children = runs_of(cfg)
+    parents, children = runs_by_role(cfg)
     assert len(parents) == 1 and len(children) == 3
     parent_id = parents.run_id.iloc[0]
     assert (children["tags.mlflow.parentRunId"] == parent_id).all()
@@ -93,13 +79,12 @@ def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tm
 
     # a rerun continues the same study under the same parent
     run_sweep(cfg, progress=False, log=lambda s: None)
-    parents, children = runs_of(cfg)
+    parents, children = runs_by_role(cfg)
     assert len(parents) == 1 and parents.run_id.iloc[0] == parent_id and len(children) == 6
     assert sorted(int(n) for n in children["tags.optuna.trial_number"]) == list(range(6))
     assert (children["tags.mlflow.parentRunId"] == parent_id).all()
     assert "RUNNING" not in set(children.status) | set(parents.status)
-    params = [tuple(sorted(t.params.items())) for t in optuna.load_study(study_name=cfg.study,
-                                                                         storage=storage_url(cfg)).trials]
+    params = [tuple(sorted(t.params.items())) for t in study_in(cfg.runs_dir, cfg.study).trials]
     assert len(set(params)) == 6  # the resumed sampler does not replay the first run's samples
 
 
@@ -108,19 +93,20 @@ def test_pruned_and_diverged_trials_are_closed_with_their_reason(sweep_cfg):
                                      "prune_warmup_epochs": 0},
                     search={"lr": {"low": 1e-3, "high": 1e12, "log": True}, "frozen_layers": {"low": 0, "high": 2},
                             "head_size": [0, 16]})
-    study = optuna.create_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)), direction="maximize")
+    study = optuna.create_study(study_name=cfg.study, storage=optuna_storage(optuna_url(cfg.runs_dir)),
+                                direction="maximize")
     study.enqueue_trial({"lr": 3e-2, "frozen_layers": 0, "head_size": 16})  # learns: sets the median
     study.enqueue_trial({"lr": 1e-3, "frozen_layers": 2, "head_size": 0})  # barely moves: below the median
     study.enqueue_trial({"lr": 1e12, "frozen_layers": 0, "head_size": 0})  # diverges
     run_sweep(cfg, progress=False, log=lambda s: None)
 
-    _, children = runs_of(cfg)
+    _, children = runs_by_role(cfg)
     by_trial = {int(r["tags.optuna.trial_number"]): r for _, r in children.iterrows()}
     assert by_trial[0].status == "FINISHED"
     assert by_trial[1].status == "KILLED" and by_trial[1]["tags.optuna.trial_state"] == "PRUNED"
     assert len(MlflowClient().get_metric_history(by_trial[1].run_id, "val/f1_macro")) >= 1  # its curve is kept
     assert by_trial[2].status == "FAILED" and "lower the learning rate" in by_trial[2]["tags.fine_tune.reason"]
-    states = [t.state.name for t in optuna.load_study(study_name=cfg.study, storage=storage_url(cfg)).trials]
+    states = [t.state.name for t in study_in(cfg.runs_dir, cfg.study).trials]
     assert states[:3] == ["COMPLETE", "PRUNED", "FAIL"]
     assert len(states) == 4 and states[3] in ("COMPLETE", "PRUNED")  # n_trials counts finished trials
 
@@ -145,58 +131,10 @@ def test_artifacts_live_beside_a_tracking_database_elsewhere(sweep_cfg, tmp_path
 def test_parent_run_counts_failures_before_any_trial_completes(sweep_cfg):
     """The parent's summary metrics are written from the first trial on, even while none has completed."""
     cfg = sweep_cfg(sweep={"n_trials": 1, "pruner": "none"})
-    study = optuna.create_study(study_name=cfg.study, storage=make_storage(storage_url(cfg)), direction="maximize")
+    study = optuna.create_study(study_name=cfg.study, storage=optuna_storage(optuna_url(cfg.runs_dir)),
+                                direction="maximize")
     study.enqueue_trial({"lr": 1e12, "frozen_layers": 0, "head_size": 0})  # diverges: fails before any completes
     run_sweep(cfg, progress=False, log=lambda s: None)
-    parents, _ = runs_of(cfg)
+    parents, _ = runs_by_role(cfg)
     failed = MlflowClient().get_metric_history(parents.run_id.iloc[0], "trials_failed")
     assert (0, 1.0) in {(m.step, m.value) for m in failed}
-
-
-def test_median_pruner_decides_as_optunas_own_reading_complete_trials_only_when_they_change(tmp_path):
-    """At every epoch, CompleteTrialsOnce answers as MedianPruner does, also when another worker completes a trial
-    in the middle of one (a second study object on the same SQLite storage plays that worker); it reads the
-    complete trials once per completion instead of once per epoch. Pure unit test: random intermediate values."""
-    url = f"sqlite:///{tmp_path}/optuna.db"
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    wrapped = CompleteTrialsOnce(optuna.pruners.MedianPruner(3, 2))
-    study = optuna.create_study(storage=url, direction="maximize", pruner=wrapped)
-    other = optuna.load_study(study_name=study.study_name, storage=url)  # the other worker
-    plain = optuna.pruners.MedianPruner(3, 2)
-    reads = []
-    get_trials = study.get_trials
-    study.get_trials = lambda deepcopy=True, states=None: reads.append(states) or get_trials(deepcopy, states)
-    rng, decisions = random.Random(0), []
-    for n in range(12):
-        trial = study.ask()
-        for epoch in range(10):
-            trial.report(rng.random(), epoch)
-            if epoch == 5 and n % 3 == 0:
-                t = other.ask()
-                for e in range(10):
-                    t.report(rng.random(), e)
-                other.tell(t, rng.random())
-            frozen = study._storage.get_trial(trial._trial_id)
-            expected = plain.prune(other, frozen)
-            assert wrapped.prune(study, frozen) == expected, (n, epoch)
-            decisions.append(expected)
-        study.tell(trial, rng.random())
-    assert any(decisions) and not all(decisions)  # both answers were exercised
-    assert 0 < len(reads) <= 12 + 4 + 1  # once per completion seen (ours and the other worker's), not per epoch
-
-
-def test_a_run_whose_params_the_store_refuses_is_closed_failed(tmp_path, monkeypatch):
-    """MLflow refuses a param name over its length limit after the run exists: the caller never gets the run, so
-    start_run closes it FAILED instead of leaving it RUNNING."""
-    from mlflow.exceptions import MlflowException
-
-    from fine_tune.tracking import StudyTracker
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracker = StudyTracker("refused", tmp_path / "runs")
-    with pytest.raises(MlflowException):
-        tracker.start_run("refused/t000", {"fine_tune.role": "trial"}, {"lr": 0.01, "x" * 300: 1})
-    tracker.close()
-    runs = MlflowClient(tracker.uri).search_runs([tracker.experiment_id], "tags.`fine_tune.role` = 'trial'")
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert "logging its params failed" in runs[0].data.tags["fine_tune.reason"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fine_tune import checkpoints
-
 from fine_tune.data import splits_for
-from fine_tune.train import cloned, train
+from fine_tune.models import build_model, count_params
+from fine_tune.train import cloned, prepare_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,10 +64,16 @@ def test_a_diverging_run_ends_with_a_status_not_a_traceback(tiny):
     assert result.status == "diverged" and "lower the learning rate" in result.message
 
 
-@pytest.mark.parametrize("arch", ["cnn"])
-def test_cnn_fine_tunes(tiny, arch):
-    result = train(tiny(model=arch, epochs=1, frozen_layers=2))
-    assert result.status == "finished" and 0 <= result.metrics["test/accuracy"] <= 1
+def test_cnn_learns_with_frozen_layers(tiny):
+    """Three epochs on 100 images, first two conv blocks frozen: well above chance (0.2), and the frozen blocks (with
+    their BatchNorm statistics) unchanged. Measured here: test accuracy 0.655."""
+    cfg = tiny(model="cnn", epochs=3, frozen_layers=2)
+    initial = prepare_model(cfg, 5).state_dict()
+    result = train(cfg)
+    assert result.status == "finished" and result.metrics["test/accuracy"] > 0.45
+    assert result.metrics["trainable_params"] == count_params(build_model("cnn", 5, frozen_layers=2))
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, initial[k]) == k.startswith(("backbone.0.", "backbone.1.")), k
 
 
 def test_train_cli_prints_the_table_and_writes_json(tmp_path):

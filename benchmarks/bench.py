@@ -1,13 +1,18 @@
-"""python -m fine_tune bench [--quick] — our trial speed side by side with the tutorial's loop and the hardware floor.
+"""python -m benchmarks.bench [EXPERIMENT] [--quick] [--out reports] — our trial speed side by side with the
+tutorial's loop and the hardware floor (`make bench`).
 
 Everything is measured in one run on the same data and model and reported as ratios (these machines are noisy):
 each figure is the median over repeats, with its spread (min-max). Writes reports/bench.md and reports/bench.json.
+The sweep figures (e)-(g) use EXPERIMENT (default experiments/fashion_transfer.yaml, the study `make sweep` runs).
+It is a tool for us, outside the package: it uses fine_tune's public functions only.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +24,13 @@ from torch import nn
 
 from fine_tune import checkpoints, features
 from fine_tune.config import Config, load_config
-from fine_tune.data import splits_for
 from fine_tune.data import prepare as prepare_data
+from fine_tune.data import splits_for
 from fine_tune.models import build_model
 from fine_tune.train import pick_device, train
+from fine_tune.workers import threads_per_worker
+
+DEFAULT_EXPERIMENT = Path("experiments/fashion_transfer.yaml")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -87,11 +95,11 @@ def sampled_params(cfg: Config, n: int, seed: int) -> list[dict]:
     """`n` points of the experiment's search space, drawn at random: the same work for every sweep compared."""
     import optuna
 
-    from fine_tune.sweep import suggest
+    from fine_tune.search import suggest
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [suggest(study.ask(), cfg) for _ in range(n)]
+    return [suggest(study.ask(), cfg.search) for _ in range(n)]
 
 
 def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, pruner: str, seed: int,
@@ -110,7 +118,7 @@ def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, prune
             study = open_study(c)
             for params in trials:
                 study.enqueue_trial(params)
-        features._memory.clear()  # an in-process sweep starts as cold as a spawned worker
+        features.clear_memory()  # an in-process sweep starts as cold as a spawned worker
         start = time.perf_counter()
         study = run_sweep(c, n_trials, workers=workers, log=lambda s: None, progress=False)
         wall = time.perf_counter() - start
@@ -139,25 +147,47 @@ def steady_rate(trials: list) -> float:
     return worth / window * 60 if window > 0 else float("nan")
 
 
+class Timed:
+    """A tracker seen from outside: every call to its methods is timed, so the seconds a trial spends in MLflow are
+    measured without hooks inside the tracking code."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
 def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -> dict:
     """The same trial with MLflow (run, per-epoch metrics, artifacts) and with the null tracker, run in pairs
     (alternating which goes first) so that the machine's drift cancels: the overhead is the median pair's."""
+    from fine_tune.stores import tracking_uri
     from fine_tune.tracking import StudyTracker
 
     null, tracked, pairs, inside = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        tracker = StudyTracker("bench-tracking", tmp)
+        tracker = StudyTracker("bench-tracking", tracking_uri(tmp))
 
         def with_mlflow(i: int) -> float:
             start = time.perf_counter()
-            tracker.seconds = 0.0
-            run = tracker.start_trial(i, {"lr": cfg.lr})
+            study = Timed(tracker)
+            run = Timed(study.start_trial(i, {"lr": cfg.lr}))
             result = train(cfg, splits, backbone, tracker=run)
             run.log_result(result)
             run.end("FINISHED", "COMPLETE")
             total = time.perf_counter() - start
             # the same trial, timed from inside: seconds spent in MLflow calls over the rest of the trial
-            spent = run.seconds + tracker.seconds
+            spent = run.seconds + study.seconds
             inside.append(100 * spent / (total - spent))
             return total
 
@@ -180,7 +210,8 @@ def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -
             "overhead_pct_per_pair": spread(pairs), "inside_pct": spread(inside)}
 
 
-def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str | Path = "reports") -> dict:
+def run_bench(experiment: str | Path = DEFAULT_EXPERIMENT, quick: bool = False, log: Callable[[str], None] = print,
+              out: str | Path = "reports") -> dict:
     """All figures of the table; `quick` shrinks every size for a smoke test.
 
     Every store it writes lives in one temporary folder, removed at the end: the user's OPTUNA_STORAGE and
@@ -189,12 +220,12 @@ def run_bench(quick: bool = False, log: Callable[[str], None] = print, out: str 
     saved = {k: os.environ.pop(k) for k in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI") if k in os.environ}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-            return _run_bench(quick, log, Path(out), Path(scratch))
+            return _run_bench(load_config(experiment), quick, log, Path(out), Path(scratch))
     finally:
         os.environ.update(saved)
 
 
-def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path) -> dict:
+def _run_bench(experiment: Config, quick: bool, log: Callable[[str], None], out: Path, scratch: Path) -> dict:
     device = pick_device("auto")
     repeats = 2 if quick else 5
     # (a)-(d): the tutorial's model on all ten classes
@@ -232,8 +263,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
         f"floor {floor:.3f} s")
 
     # (e)-(g): sweeps of the transfer experiment, the study `make sweep` runs
-    experiment = Path(__file__).resolve().parents[1] / "experiments" / "fashion_transfer.yaml"
-    transfer = load_config(experiment).model_copy(update={"runs_dir": str(scratch / "transfer")})
+    transfer = experiment.model_copy(update={"runs_dir": str(scratch / "transfer")})
     tsplits = splits_for(transfer)
     from fine_tune.pretrain import backbone_for
 
@@ -247,7 +277,7 @@ def _run_bench(quick: bool, log: Callable[[str], None], out: Path, scratch: Path
 
     n_trials = 6 if quick else 24
     threads = torch.get_num_threads()
-    per_worker = max(1, (os.cpu_count() or 1) // 2)  # what each of 2 workers gets (sweep._run_workers)
+    per_worker = threads_per_worker(2)  # what each of 2 workers gets
     one, two, one_core = [], [], []  # each round's sweep figures
     for r in range(1 if quick else 3):
         same = sampled_params(transfer, n_trials, seed=r)  # every sweep of this round runs exactly these trials
@@ -358,6 +388,28 @@ def table(f: dict) -> str:
 def write(figures: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     checkpoints.save_json(figures, out / "bench.json")
-    md = (f"# Benchmark\n\n`python -m fine_tune bench` on {figures['device']}, {figures['train_images']} training "
+    md = (f"# Benchmark\n\n`make bench` (python -m benchmarks.bench) on {figures['device']}, {figures['train_images']} training "
           f"images, {figures['repeats']} repeats per figure.\n\n{table(figures)}\n")
     (out / "bench.md").write_text(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", nargs="?", type=Path, default=DEFAULT_EXPERIMENT,
+                        help="experiment YAML whose study the sweep figures run (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where bench.md and bench.json go")
+    args = parser.parse_args(argv)
+    from fine_tune.config import ConfigError
+
+    try:
+        figures = run_bench(args.experiment, quick=args.quick, out=args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + table(figures) + f"\n\nwritten: {args.out}/bench.md, {args.out}/bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

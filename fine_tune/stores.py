@@ -1,0 +1,121 @@
+"""Where the two stores live and how they are opened: the Optuna storage (trials) and the MLflow tracking store (runs).
+
+Both default to SQLite files under the runs directory, so a newcomer needs nothing running; `OPTUNA_STORAGE` /
+`sweep.storage` and `MLFLOW_TRACKING_URI` point them at PostgreSQL or an MLflow server. The analysis package reads
+the same locations from here. Nothing heavy is imported at module level: `make report` imports this without torch.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be reached; the message names the URL and the fix."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached; the message names the URI and the fix."""
+
+
+def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:
+    """OPTUNA_STORAGE, else the experiment's `sweep.storage`, else SQLite in the runs directory."""
+    return os.environ.get("OPTUNA_STORAGE") or storage or f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"
+
+
+def tracking_uri(runs_dir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI, else SQLite in the runs directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local database (`mlartifacts/` in the database's
+    folder, so `make clean` or moving the folder takes both), while a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a tracking server that is down: MLflow's own client would retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except OSError as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
+                            "start it (`make server`) or fix MLFLOW_TRACKING_URI") from None
+
+
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    """WAL lets readers work beside a writer (several workers on one machine), and synchronous=NORMAL drops the
+    fsync per commit that made each per-epoch log call cost milliseconds; a crashed process loses nothing."""
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def tune_sqlite(engine) -> None:
+    """Apply our SQLite settings to one of our two engines (Optuna's, MLflow's); nobody else's is touched."""
+    import sqlalchemy
+
+    if engine.dialect.name != "sqlite" or sqlalchemy.event.contains(engine, "connect", _sqlite_pragmas):
+        return
+    sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()  # connections opened before the hook (table creation) are replaced by tuned ones
+
+
+def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
+                   on_stale: Callable[[Any, Any], None] | None = None):
+    """Optuna's RDB storage with heartbeats, so a trial whose worker died is failed (and `on_stale` called on it)
+    instead of staying RUNNING."""
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite serialises writers; with several local workers a write may wait, so wait long instead of failing.
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                                 grace_period=grace, heartbeat_stale_trial_callback=on_stale)
+    except Exception as e:  # sqlalchemy's OperationalError, ArgumentError, a missing driver...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise StorageError(f"Optuna storage {url} is unusable ({first}); start the database or fix OPTUNA_STORAGE "
+                           "/ sweep.storage") from None
+    tune_sqlite(storage.engine)
+    return storage
+
+
+def mlflow_client(uri: str):
+    """An MLflow client on `uri`, its SQLite engine tuned like Optuna's."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    # MLflow keeps one engine per URI for runs and another for the registry (private attributes: if a later MLflow
+    # renames them, its stores just keep SQLite's defaults)
+    for store in (client._tracking_client.store, client._get_registry_client().store):
+        if hasattr(store, "engine"):  # a SQLAlchemy store (not an http one)
+            tune_sqlite(store.engine)
+    return client
+
+
+def trial_counts(study) -> collections.Counter:
+    """The study's trials by state, counted by the database itself: Optuna's per-process trial cache can miss a
+    trial another worker created, and an exact count is what keeps parallel workers from overshooting. One COUNT
+    query: reading every trial instead took 35 ms before each trial of a 40-trial study, and grew with the study."""
+    import sqlalchemy
+    from optuna.storages._rdb.models import TrialModel
+
+    storage = study._storage._backend if hasattr(study._storage, "_backend") else study._storage
+    query = (sqlalchemy.select(TrialModel.state, sqlalchemy.func.count())
+             .where(TrialModel.study_id == study._study_id).group_by(TrialModel.state))
+    with storage.engine.connect() as conn:
+        return collections.Counter(dict(conn.execute(query).all()))

@@ -1,0 +1,239 @@
+"""Who runs which trial: the claim loop one worker runs, worker processes on one machine, and what becomes of a
+trial whose worker stopped (reaped when its heartbeat goes stale, its run closed, the trial re-queued and resumed
+from its saved state by the next worker that claims it).
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from filelock import FileLock
+from optuna.trial import TrialState
+
+from fine_tune.stores import trial_counts
+from fine_tune.tracking import RunTracker, StudyTracker, close_run
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended abnormally (killed, out of memory)."""
+
+
+def worker_id() -> str:
+    """host:pid of this process, as trials and re-runs record who runs them."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of `workers` processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def finished(study: optuna.Study) -> int:
+    return sum(trial_counts(study)[s] for s in FINISHED)
+
+
+# --- a trial whose worker stopped: closed, re-queued, resumed
+
+
+class CloseStaleTrial:
+    """A trial whose worker stopped heartbeating: close its MLflow run as FAILED, then re-queue it.
+
+    Optuna's retry callback enqueues a copy with the same params and user attrs (so the retry finds the MLflow
+    run id and the epoch checkpoint of the trial it continues).
+    """
+
+    def __init__(self, tracking_uri: str | None, max_retry: int = 2):
+        self.tracking_uri = tracking_uri
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and self.tracking_uri:
+            close_run(self.tracking_uri, run_id, "FAILED", "FAIL",
+                      f"worker stopped heartbeating during trial {trial.number}; the trial was re-queued")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry(study, trial)
+
+
+def reap(study: optuna.Study) -> None:
+    """Fail the study's trials whose heartbeat is stale (CloseStaleTrial then closes and re-queues each)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return trial.study._storage.get_trial(trial._trial_id)  # this one trial, not the whole study
+
+
+class Attempt:
+    """One attempt at a trial: the first, or a retry of a trial whose worker died or was interrupted. A retry
+    continues the original trial's MLflow run and its saved training state, and does not report again the epochs
+    Optuna already holds."""
+
+    def __init__(self, trial: optuna.Trial, state_dir: Path):
+        frozen = _frozen(trial)
+        self.trial = trial
+        self.original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial continued
+        self.state = state_dir / f"t{trial.number if self.original is None else self.original:03d}.pt"
+        self.inherited = set(frozen.intermediate_values)
+        trial.set_user_attr("worker", worker_id())  # who runs it, for debugging
+
+    def open_run(self, tracker: StudyTracker, params: dict) -> RunTracker:
+        """The trial's MLflow run: a new child run, or on a retry the run of the trial it continues."""
+        from fine_tune import checkpoints
+
+        if self.original is not None and "mlflow_run_id" in self.trial.user_attrs:
+            run = tracker.reopen(self.trial.user_attrs["mlflow_run_id"], self.trial.number)
+        else:
+            run = tracker.start_trial(self.trial.number, params)
+            self.trial.set_user_attr("mlflow_run_id", run.run_id)
+        if self.original is not None:  # its run may hold epochs of the attempt that stopped, or miss some
+            run.backfill(checkpoints.load_any(self.state)["history"] if self.state.is_file() else [])
+        return run
+
+    def report(self, epoch: int, value: float) -> None:
+        """Report an epoch to Optuna (once) and stop the trial if the pruner says so."""
+        if epoch not in self.inherited:
+            self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    def requeue(self) -> None:
+        """Queue the interrupted trial again, marked as a retry of the trial it continues, as Optuna's retry callback
+        would; the epochs it reported so far go with it."""
+        trial = self.trial
+        trial.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs=dict(trial.user_attrs),
+            system_attrs={"failed_trial": trial.number if self.original is None else self.original},
+            intermediate_values=dict(_frozen(trial).intermediate_values)))
+
+
+# --- claiming trials
+
+
+class ClaimLock:
+    """A cross-process lock around "count the trials, then ask for one": a PostgreSQL advisory lock on
+    PostgreSQL (workers on any machine), a file lock beside the local stores otherwise."""
+
+    def __init__(self, url: str, study: str, runs_dir: str):
+        self.conn, self.file = None, None
+        self.key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
+        if url.startswith("postgresql"):
+            import sqlalchemy
+
+            self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            self.conn = self.engine.connect()
+            self.held = False
+        else:
+            path = Path(runs_dir) / f".claim-{study}.lock"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = FileLock(path, thread_local=False)
+
+    def acquire(self) -> None:
+        if self.file is not None:
+            if not self.file.is_locked:
+                self.file.acquire()
+        elif not self.held:
+            self._advisory("pg_advisory_lock")
+
+    def release(self) -> None:
+        if self.file is not None:
+            if self.file.is_locked:
+                self.file.release(force=True)
+        elif self.held:
+            self._advisory("pg_advisory_unlock")
+
+    def _advisory(self, fn: str) -> None:
+        import sqlalchemy
+
+        self.conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self.key})
+        self.conn.commit()
+        self.held = fn == "pg_advisory_lock"
+
+    def close(self) -> None:
+        self.release()
+        if self.conn is not None:
+            self.conn.close()
+            self.engine.dispose()
+
+
+def work(study: optuna.Study, objective, lock: ClaimLock, target: int, max_trials: int, timeout: float | None,
+         patience_s: float, callbacks: list, catch: tuple, log: Callable[[str], None] = print) -> None:
+    """One worker's loop: claim and run trials until the study holds `target` finished (complete or pruned) ones.
+
+    Workers claim under `lock` (check the count, then ask) so that together they run exactly `target` finished
+    trials; in-flight trials of other workers count as claimed until they finish or go stale. `objective` releases
+    the lock once its trial exists in the storage. `patience_s` bounds the wait on other workers' trials.
+    """
+    started, attempts, waited_since, last_seen = time.monotonic(), 0, None, -1
+    try:
+        while attempts < max_trials and not (timeout and time.monotonic() - started > timeout):
+            lock.acquire()
+            counts = trial_counts(study)  # one read: a trial may finish between two
+            done, running = sum(counts[s] for s in FINISHED), counts[TrialState.RUNNING]
+            if done >= target:
+                break
+            if done + running >= target:  # wait for the others' trials (or for a dead worker's to go stale)
+                lock.release()
+                if waited_since is None or done != last_seen:  # progress resets the clock
+                    waited_since, last_seen = time.monotonic(), done
+                if time.monotonic() - waited_since > patience_s:
+                    log(f"stopping: {running} trial(s) of other workers made no progress for {patience_s:.0f}s")
+                    break
+                reap(study)
+                time.sleep(1.0)
+                continue
+            waited_since = None
+            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=catch)
+            lock.release()
+            attempts += 1
+    finally:
+        lock.close()
+
+
+# --- worker processes on this machine
+
+
+def run_processes(main: Callable, args: tuple, workers: int, study: optuna.Study, target: int, grace_s: float,
+                  progress) -> None:
+    """Run `main(*args, threads, worker_number)` in `workers` spawned processes until they end; `progress(n)` is
+    given the study's finished count every second. Ctrl-C stops every worker (each closes its own trial). Workers
+    that died leave trials whose heartbeat goes stale: after `grace_s` they are reaped (failed, their runs closed,
+    re-queued) and WorkerDied says so."""
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/sqlite state shared between workers
+    threads = threads_per_worker(workers)
+    procs = [ctx.Process(target=main, args=(*args, threads, i + 1)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            progress(min(finished(study), target))
+    except KeyboardInterrupt:
+        for p in procs:  # each worker closes its own trial and run, then exits
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.join()
+        raise
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if failed:
+        time.sleep(grace_s)
+        reap(study)
+        raise WorkerDied(f"{len(failed)} of {workers} workers died (exit codes {failed}); their trials were failed "
+                         "and re-queued; run the same command again to finish them")

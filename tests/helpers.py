@@ -1,0 +1,82 @@
+"""What several test files share: the tiny real-data configs, the tiny sweep, and how a test runs the CLI."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+
+from fine_tune.config import Config
+from fine_tune.stores import optuna_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path, **overrides) -> Config:
+    """Five target classes, 20 labeled images each, 20 val and 40 test images per class, 2 epochs."""
+    fields = dict(study="tiny", classes=[5, 6, 7, 8, 9], budget_per_class=20, val_per_class=20,
+                  test_per_class=40, epochs=2, lr=3e-3, runs_dir=str(tmp_path / "runs"))
+    fields.update(overrides)
+    return Config(**fields)
+
+
+SEARCH = {"lr": {"low": 1e-3, "high": 3e-2, "log": True}, "frozen_layers": {"low": 0, "high": 2},
+          "head_size": [0, 16]}
+
+
+def tiny_sweep(runs_dir, backbone: str, study: str = "tiny-sweep", n_trials: int = 3, **overrides) -> Config:
+    """The tiny study every sweep test runs: the tiny config, a user's backbone, a three-hyperparameter space,
+    no pruner (so every trial completes unless a test says otherwise)."""
+    fields = dict(study=study, classes=[5, 6, 7, 8, 9], budget_per_class=20, val_per_class=20, test_per_class=40,
+                  epochs=2, pretrained=backbone, runs_dir=str(runs_dir), search=SEARCH,
+                  sweep={"n_trials": n_trials, "pruner": "none"})
+    fields.update(overrides)
+    return Config(**fields)
+
+
+TINY_YAML = """study: {study}
+classes: [5, 6, 7, 8, 9]
+budget_per_class: {budget}
+val_per_class: 20
+test_per_class: 40
+epochs: {epochs}
+pretrained: {backbone}
+search:
+  lr: {{low: 1.0e-3, high: 3.0e-2, log: true}}
+  frozen_layers: {{low: 0, high: 2}}
+  head_size: [0, 16]
+sweep: {{n_trials: {n_trials}, pruner: none, heartbeat_interval: 1, grace_period: 3, state_every_s: {state_every_s}}}
+"""
+
+
+def write_experiment(path, backbone, study="cli-sweep", budget=20, epochs=2, n_trials=2, state_every_s=5.0):
+    """The tiny sweep as an experiment file, for tests that run the CLI as a user would."""
+    path.write_text(TINY_YAML.format(study=study, budget=budget, epochs=epochs, n_trials=n_trials, backbone=backbone,
+                                     state_every_s=state_every_s))
+    return path
+
+
+def cli_env(**extra):
+    """The environment of a CLI subprocess: the repo importable, the extracted data reused, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI")}
+    env.update(PYTHONPATH=str(ROOT), FINE_TUNE_DATA=str(ROOT / "data"), MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", **extra)
+    return env
+
+
+def run_cli(cwd, *args, timeout=600, **env) -> subprocess.CompletedProcess:
+    """`python -m fine_tune ARGS` in `cwd`, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fine_tune", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def runs_of(runs_dir, study: str):
+    """Every MLflow run of `study` in the SQLite store under `runs_dir`, as mlflow.search_runs gives them."""
+    mlflow.set_tracking_uri(f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db")
+    return mlflow.search_runs(experiment_names=[study])
+
+
+def study_in(runs_dir, study: str) -> optuna.Study:
+    """The Optuna study `study` in the SQLite storage under `runs_dir`."""
+    return optuna.load_study(study_name=study, storage=optuna_storage(f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"))

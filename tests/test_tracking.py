@@ -1,0 +1,108 @@
+"""The MLflow side on a real SQLite store: a run's lifecycle under every way it can end, retries, refused params."""
+import pytest
+from mlflow.exceptions import MlflowException
+
+from fine_tune.interrupts import interrupt, rearm, shielded
+from fine_tune.stores import tracking_uri
+from fine_tune.tracking import StudyTracker, run_scope
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    t = StudyTracker("tracked", tracking_uri(tmp_path / "runs"))
+    yield t
+    t.close()
+
+
+def status_of(tracker, run_id):
+    run = tracker.client.get_run(run_id)
+    return run.info.status, run.data.tags.get("optuna.trial_state"), run.data.tags.get("fine_tune.reason")
+
+
+@pytest.mark.parametrize("raised,expected", [
+    (None, ("FINISHED", "COMPLETE", None)),
+    (KeyboardInterrupt(), ("KILLED", "FAIL", "interrupted (KeyboardInterrupt)")),
+    (ValueError("boom"), ("FAILED", "FAIL", "ValueError('boom')")),
+])
+def test_run_scope_closes_the_run_however_the_block_ends(tracker, raised, expected):
+    handle = {}
+
+    def block():
+        with run_scope(lambda: tracker.start_trial(0, {"lr": 0.1})) as run:
+            handle["run"] = run
+            run.log_metrics({"val/f1_macro": 0.5}, step=1)
+            if raised:
+                raise raised
+    if raised:
+        with pytest.raises(type(raised)):
+            block()
+    else:
+        block()
+    run_id = handle["run"].run_id
+    assert status_of(tracker, run_id) == expected
+    assert [m.value for m in tracker.client.get_metric_history(run_id, "val/f1_macro")] == [0.5]
+
+
+def test_a_run_the_block_closed_itself_stays_as_it_was(tracker):
+    with run_scope(lambda: tracker.start_trial(0, {})) as run:
+        run.end("FAILED", "FAIL", "diverged")
+    assert status_of(tracker, run.run_id) == ("FAILED", "FAIL", "diverged")
+
+
+def test_a_ctrl_c_while_the_run_is_created_closes_it_killed(tracker):
+    """The signal lands inside the store write that creates the run (the handler defers it to the write's end): the
+    run exists and is closed KILLED, never left RUNNING."""
+    created = []
+
+    def create_then_ctrl_c():
+        with shielded():
+            created.append(tracker.start_trial(0, {}))
+            interrupt(KeyboardInterrupt())
+        return created[0]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with run_scope(create_then_ctrl_c):
+                pytest.fail("the block must not run")
+    finally:
+        rearm()
+    assert status_of(tracker, created[0].run_id)[0] == "KILLED"
+
+
+def test_params_the_training_loop_logs_ride_with_the_next_flush(tracker):
+    run = tracker.start_trial(0, {"lr": 0.1})
+    run.log_params({"trainable_params": 325})
+    assert "trainable_params" not in tracker.client.get_run(run.run_id).data.params
+    run.end("FINISHED", "COMPLETE")
+    assert tracker.client.get_run(run.run_id).data.params == {"lr": "0.1", "trainable_params": "325"}
+
+
+def test_a_run_whose_params_the_store_refuses_is_closed_failed(tracker):
+    """MLflow refuses a param name over its length limit after the run exists: the caller never gets the run, so
+    start_run closes it FAILED instead of leaving it RUNNING."""
+    with pytest.raises(MlflowException):
+        tracker.start_run("refused/t000", {"fine_tune.role": "trial"}, {"lr": 0.01, "x" * 300: 1})
+    runs = tracker.client.search_runs([tracker.experiment_id], "tags.`fine_tune.role` = 'trial'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "logging its params failed" in runs[0].data.tags["fine_tune.reason"]
+
+
+def test_a_retry_logs_each_epoch_once(tracker):
+    """A worker flushed epochs 1-3 and died; its saved state holds epochs 1-2. The retry replays from epoch 3 into
+    the same run: the run ends with each epoch once."""
+    history = [{"val/f1_macro": 0.1 * e, "train/loss": 1.0 / e} for e in range(1, 6)]
+    first = tracker.start_trial(0, {"lr": 0.01})
+    for epoch in (1, 2, 3):
+        first.log_metrics(history[epoch - 1], step=epoch)
+    first.flush()
+    first.log_metrics(history[3], step=4)  # buffered, lost with the worker
+
+    retry = tracker.reopen(first.run_id, 1)
+    retry.backfill(history[:2])  # the saved state
+    for epoch in (3, 4, 5):  # the replay from the state
+        retry.log_metrics(history[epoch - 1], step=epoch)
+    retry.end("FINISHED", "COMPLETE")
+    for key in ("val/f1_macro", "train/loss"):
+        points = tracker.client.get_metric_history(first.run_id, key)
+        assert sorted(m.step for m in points) == [1, 2, 3, 4, 5]
+        assert all(m.value == history[m.step - 1][key] for m in points)
+
