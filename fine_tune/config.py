@@ -130,6 +130,7 @@ class Hyperparameters(Strict):
     batch_size: int = Field(64, gt=0, description="training batch size")
     epochs: int = Field(10, gt=0, description="maximum training epochs")
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without val/f1_macro gain")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss (0 = none)")
 
 
 def _dimension_type(annotation) -> Any:

@@ -150,7 +150,8 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
                 with autocast:
-                    loss = F.cross_entropy(model(train_x[idx], start).float(), train_y[idx])
+                    loss = F.cross_entropy(model(train_x[idx], start).float(), train_y[idx],
+                                           label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

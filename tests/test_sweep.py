@@ -12,7 +12,7 @@ from fine_tune.models import build_model
 from fine_tune.stores import optuna_storage, optuna_url
 from fine_tune.sweep import run_sweep
 from fine_tune.train import evaluate, scores
-from helpers import runs_of, study_in, tiny_sweep
+from helpers import SEARCH, runs_of, study_in, tiny_sweep
 
 
 @pytest.fixture
@@ -138,3 +138,22 @@ def test_parent_run_counts_failures_before_any_trial_completes(sweep_cfg):
     parents, _ = runs_by_role(cfg)
     failed = MlflowClient().get_metric_history(parents.run_id.iloc[0], "trials_failed")
     assert (0, 1.0) in {(m.step, m.value) for m in failed}
+
+
+def test_a_searched_hyperparameter_is_sampled_logged_tabled_and_reported(sweep_cfg):
+    """label_smoothing is one field of Hyperparameters and one use in the loss, nothing else: a sweep samples it,
+    every run logs it, the console table and the report's leaderboard show it."""
+    from analysis.report import leaderboard
+    from analysis.stores import load_study
+    from fine_tune.sweep import top_table
+
+    cfg = sweep_cfg(n_trials=2, search={**SEARCH, "label_smoothing": {"low": 0.0, "high": 0.2}})
+    study = run_sweep(cfg, progress=False, log=lambda s: None)
+    sampled = {t.number: t.params["label_smoothing"] for t in study.trials}
+    assert len(sampled) == 2 and all(0.0 <= v <= 0.2 for v in sampled.values())
+    _, children = runs_by_role(cfg)
+    logged = {int(r["tags.optuna.trial_number"]): float(r["params.label_smoothing"]) for _, r in children.iterrows()}
+    assert logged == pytest.approx(sampled)
+    assert "label_smoothing" in top_table(study).splitlines()[0]
+    board = leaderboard(load_study(cfg.study, cfg.runs_dir))[1].df
+    assert "label_smoothing" in board.columns and len(board) == 2
