@@ -73,7 +73,9 @@ def stores(tmp_path, study):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny_backbone, sig, code, word):
-    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="stop", budget=200, epochs=40, n_trials=1)
+    # 5,000 images x 60 epochs: ~4 s of training, so the signal sent after epoch 3 lands mid-training (with 1,000
+    # images x 40 epochs, ~0.5 s, it could land after the last epoch, while the result was being logged)
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="stop", budget=1000, epochs=60, n_trials=1)
     state = tmp_path / "runs" / "trial_state" / "stop" / "t000.pt"
     proc = start_sweep(tmp_path)
     wait_for(lambda: running_trials(tmp_path, "stop", epochs=3))  # a few epochs in
@@ -100,7 +102,7 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     runs = df[df["tags.fine_tune.role"] == "trial"]
     assert len(runs) == 1 and runs.status.iloc[0] == "FINISHED" and runs["tags.optuna.retry_trial_number"].iloc[0] == "1"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.run_id.iloc[0], "val/f1_macro")]
-    assert done >= 1 and sorted(set(steps)) == list(range(1, 41))
+    assert done >= 1 and sorted(set(steps)) == list(range(1, 61))
     assert len(steps) == len(set(steps))  # resumed: no epoch logged twice
     assert not state.exists()
     assert "RUNNING" not in set(df.status)
