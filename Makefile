@@ -26,7 +26,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm compare bench test clean distclean
+.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm curve compare bench test clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,6 +71,10 @@ report: venv ## write reports/<study>/report.{md,html} for EXPERIMENT's study (a
 
 confirm: data ## re-train the top TOP_K trials with SEEDS new seeds (then `make report` adds CIs and McNemar)
 	$(PY) -m fine_tune confirm --config $(EXPERIMENT) --top-k $(TOP_K) --seeds $(SEEDS)
+
+curve: data ## label-efficiency curve of EXPERIMENT (fine-tuned vs from scratch vs linear probe) -> reports/<study>-curve/
+	$(PY) -m fine_tune curve --config $(EXPERIMENT) $(ARGS)
+	$(PY) -m analysis curve --config $(EXPERIMENT)
 
 compare: venv ## compare studies side by side: make compare STUDIES="a b" -> reports/compare-a-b/
 	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)

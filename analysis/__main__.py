@@ -1,8 +1,10 @@
 """python -m analysis report --study NAME [--config FILE] [--runs-dir runs] [--out reports] [--resamples 2000]
 python -m analysis compare --studies A B [...] [--config FILE] [--runs-dir runs] [--out reports] [--resamples 2000]
+python -m analysis curve --study NAME [--config FILE] [--runs-dir runs] [--out reports]
 
 `report` writes reports/<study>/report.md and a self-contained report.html (plus the PNGs) and logs them to the
-study's MLflow parent run under report/. `compare` writes reports/compare-<a>-<b>.../. A study that does not exist
+study's MLflow parent run under report/. `compare` writes reports/compare-<a>-<b>.../, `curve` the label-efficiency
+report reports/<study>-curve/ from the runs `make curve` logged. A study that does not exist
 or has no finished trials ends with one line on stderr and exit code 2, before anything is written.
 """
 from __future__ import annotations
@@ -33,6 +35,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_curve(args) -> int:
+    from analysis import curve
+    from fine_tune.stores import tracking_uri
+
+    start = time.perf_counter()
+    folder = curve.build(args.study, tracking_uri(args.runs_dir), args.out)
+    print(f"{folder / 'report.md'}\n{folder / 'report.html'} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from analysis import compare
 
@@ -47,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description="Reports built from the sweep's stores.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("report", cmd_report, "report on one study"),
-                            ("compare", cmd_compare, "compare several studies")):
+                            ("compare", cmd_compare, "compare several studies"),
+                            ("curve", cmd_curve, "label-efficiency report of a study's `make curve` runs")):
         p = sub.add_parser(name, help=help_)
         p.set_defaults(fn=fn)
-        if name == "report":
-            p.add_argument("--study", required=True, help="study name (the `study:` key of the experiment YAML)")
+        if name in ("report", "curve"):
+            p.add_argument("--study", help="study name (default: the `study:` key of --config)")
         else:
             p.add_argument("--studies", nargs="+", required=True, help="two or more study names")
         p.add_argument("--config", type=Path, help="the experiment YAML the sweep ran: its runs_dir and sweep.storage "
@@ -66,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("compare needs two or more studies: --studies A B")
     try:
         args.storage = None
-        if args.config is not None:  # the stores where the sweep put them
+        if args.config is not None:  # the stores where the sweep put them, and its study
             cfg = load_config(args.config)
             args.runs_dir, args.storage = args.runs_dir or cfg.runs_dir, cfg.sweep.storage
+            if args.command != "compare":
+                args.study = args.study or cfg.study
+        if args.command != "compare" and not args.study:
+            parser.error("give --study NAME or --config EXPERIMENT")
         args.runs_dir = args.runs_dir or "runs"
         return args.fn(args)
     except (ConfigError, StoreError) as e:

@@ -151,3 +151,18 @@ def best_so_far(curves: dict[str, pd.Series], score: str, path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def curve(table: pd.DataFrame, metric: str, path: Path) -> Path:
+    """`metric` against labels per class (log x), one line per arm, the 95% interval as error bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for arm, group in table.groupby("arm"):
+        group = group.sort_values("budget")
+        err = np.vstack([group[metric] - group[f"{metric} low"], group[f"{metric} high"] - group[metric]])
+        ax.errorbar(group.budget, group[metric], yerr=np.nan_to_num(err), marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(table.budget.unique()), [str(b) for b in sorted(table.budget.unique())])
+    ax.set(xlabel="labeled images per class", ylabel=metric, title=f"{metric} vs labels per class")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -145,7 +145,20 @@ def leaderboard(data: StudyData) -> list:
         "time (s)": top.duration_s.map(lambda v: fmt(v, ".1f"))})
     caption = (f"The {len(top)} best of {len(data.complete)} complete trials by {data.objective}. val/* are the best "
                "epoch's values (the checkpoint kept); test/* are that checkpoint's, measured once.")
-    return [Heading("Leaderboard"), Table(table, caption)]
+    return [Heading("Leaderboard"), Table(table, caption), *by_model(data)]
+
+
+def by_model(data: StudyData) -> list:
+    """When the study searched the architecture: each model's best trial and how many trials it got."""
+    if "model" not in data.distributions or data.complete.model.nunique() < 2:
+        return []
+    rows = []
+    for model, group in data.complete.groupby("model", sort=False):
+        best = group.iloc[0]  # `complete` is sorted best first
+        rows.append({"model": model, "complete trials": str(len(group)), "best trial": str(best.number),
+                     **{m: fmt(best[m], ".4f") for m in ("val/f1_macro", "test/accuracy", "test/f1_macro")},
+                     "trainable params": fmt(best.trainable_params, ",.0f")})
+    return [Table(pd.DataFrame(rows), "Each model's best complete trial (the study searched the architecture).")]
 
 
 def search(data: StudyData, folder: Path) -> list:

@@ -327,8 +327,40 @@ def _run_bench(experiment: Config, quick: bool, log: Callable[[str], None], out:
                             "best_without": spread([p["best"] for p in unpruned]),
                             "best_f1_gap_points": 100 * (statistics.median(p["best"] for p in unpruned)
                                                          - statistics.median(p["best"] for p in pruned))}
+    figures["h_torchvision"] = torchvision_figures(scratch / "torchvision", quick, repeats)
+    log(f"(h) {figures['h_torchvision']['model']}: linear probe "
+        f"{figures['h_torchvision']['probe_cached']['images_per_s']:.0f} img/s cached")
     write(figures, out)
     return figures
+
+
+def torchvision_figures(runs_dir: Path, quick: bool, repeats: int, model: str = "resnet18", size: int = 32) -> dict:
+    """A torchvision backbone at a small image size on the transfer task's classes: images per second of a training
+    epoch for a linear probe (all 5 stages frozen) and a partial fine-tune (3 frozen), each without and with the
+    frozen-feature cache, and a full fine-tune against its FLOP floor."""
+    from fine_tune.models import fwd_flops
+
+    cfg = Config(study="bench-torchvision", model=model, image_size=size, classes=[5, 6, 7, 8, 9],
+                 budget_per_class=40 if quick else 200, val_per_class=20 if quick else 100, test_per_class=20,
+                 batch_size=64, runs_dir=str(runs_dir))
+    splits = splits_for(cfg)
+    # speed does not depend on the weights: an untrained backbone stands in for a downloaded one
+    net = build_model(model, 5, image_size=size)
+    backbone = str(checkpoints.save({k: v for k, v in net.state_dict().items() if k.startswith("backbone.")},
+                                    runs_dir / "backbone.pt"))
+    n = len(splits.train)
+    out: dict = {"model": model, "image_size": size, "train_images": n}
+    for key, frozen, cached in (("probe_uncached", 5, False), ("probe_cached", 5, True),
+                                ("partial_uncached", 3, False), ("partial_cached", 3, True), ("full", 0, False)):
+        c = cfg.model_copy(update={"frozen_layers": frozen, "cache_features": cached,
+                                   "runs_dir": str(runs_dir / key)})
+        epochs, whole = ours_epochs(c, splits, backbone, repeats)
+        out[key] = {"s_per_epoch": spread(epochs), "images_per_s": n / statistics.median(epochs), "whole_call_s": whole}
+    flops = 3 * fwd_flops(net, size) * n  # forward + backward of every image, once
+    rate = matmul_rate(pick_device("auto"))
+    out["full"] |= {"flops_per_epoch": flops, "floor_s": flops / rate,
+                    "ratio_to_floor": out["full"]["s_per_epoch"]["median"] / (flops / rate)}
+    return out
 
 
 def table(f: dict) -> str:
@@ -381,6 +413,17 @@ def table(f: dict) -> str:
                  f"{d['best_with_pruner']['median']:.4f} vs {d['best_without']['median']:.4f}",
                  f"{d['epochs_saved_pct']:.0f}% fewer epochs, best val F1 {d['best_f1_gap_points']:.2f} pt lower",
                  ">= 40% fewer, within 1 pt"))
+    d = f["h_torchvision"]
+    what = f"{d['model']} at {d['image_size']} px, {d['train_images']} images"
+    for kind, label in (("probe", "linear probe (5 stages frozen)"), ("partial", "partial fine-tune (3 stages frozen)")):
+        u, c = d[f"{kind}_uncached"], d[f"{kind}_cached"]
+        rows.append((f"(h) {what}: {label}, uncached vs cached",
+                     f"{u['images_per_s']:.0f} vs {c['images_per_s']:.0f} images/s ({s(u['s_per_epoch'])} vs "
+                     f"{s(c['s_per_epoch'])} per epoch)", f"{c['images_per_s'] / u['images_per_s']:.1f}x faster", ""))
+    full = d["full"]
+    rows.append((f"(h) {what}: full fine-tune vs FLOP floor", f"{full['images_per_s']:.0f} images/s "
+                 f"({s(full['s_per_epoch'])} per epoch)", f"{full['ratio_to_floor']:.1f}x the floor "
+                 f"({full['floor_s']:.3f} s)", ""))
     head = "| figure | measured (median, spread) | ratio | target |\n|---|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
 

@@ -1,4 +1,4 @@
-"""python -m fine_tune {data,pretrain,train,sweep,confirm,keys} [--config experiments/X.yaml] [--set key=value ...]
+"""python -m fine_tune {data,pretrain,train,sweep,confirm,curve,keys,models} [--config experiments/X.yaml] [--set key=value ...]
 
 Bad input (config, data, checkpoint) ends with one line on stderr and exit code 2, before anything is written.
 """
@@ -26,10 +26,23 @@ def cmd_data(args) -> int:
     from fine_tune import data
 
     cfg = _config(args)
-    root = data.prepare(cfg.data_dir)
-    tr_x, _, te_x, _, names = data.load(cfg.data_dir)
-    print(f"Fashion-MNIST ready in {root}/FashionMNIST: {len(tr_x)} training and {len(te_x)} test images, "
-          f"classes {', '.join(f'{i}={n}' for i, n in enumerate(names))}")
+    where = cfg.data.root if cfg.data.kind == "imagefolder" else f"{data.prepare(cfg.data_dir)}/FashionMNIST"
+    source = data.source_for(cfg)
+    counts = ", ".join(f"{len(p.y)} {name}" for name, p in (("training", source.train), ("validation", source.val),
+                                                              ("test", source.test)) if p is not None)
+    print(f"{cfg.data.kind} ready in {where}: {counts} images, classes "
+          f"{', '.join(f'{i}={n}' for i, n in enumerate(source.class_names))}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from fine_tune import archs
+    from fine_tune.models import describe
+
+    print(f"{'model':22s} {'stages':>6s} {'parameters':>12s}  image size")
+    for name in [*archs.SMALL, *archs.TORCHVISION]:
+        stages, params = describe(name)
+        print(f"{name:22s} {stages:6d} {params:12,d}  {archs.native_size(name)}")
     return 0
 
 
@@ -61,9 +74,9 @@ def cmd_train(args) -> int:
     from fine_tune.train import pick_device, train
 
     cfg = _config(args)
+    backbone = backbone_for(cfg)  # first: a missing weights file or a bad checkpoint fails before the data is read
     splits = splits_for(cfg)
-    backbone = backbone_for(cfg)
-    print(f"{cfg.study}: {cfg.model} on classes {cfg.classes} | train {len(splits.train)} / val {len(splits.val)} / "
+    print(f"{cfg.study}: {cfg.model} on classes {', '.join(splits.class_names)} | train {len(splits.train)} / val {len(splits.val)} / "
           f"test {len(splits.test)} images | backbone {backbone or 'none (from scratch)'} | "
           f"frozen {cfg.frozen_layers}, head {cfg.head_size}, lr {cfg.lr:g} | {pick_device(cfg.device)}")
 
@@ -108,6 +121,16 @@ def cmd_confirm(args) -> int:
     return 0
 
 
+def cmd_curve(args) -> int:
+    from fine_tune.curve import run_curve
+
+    cfg = _config(args)
+    added = run_curve(cfg)
+    print(f"{added} runs added to {cfg.study}-curve; `python -m analysis curve --config {args.config}` (make curve "
+          "does both) writes the plot and the table")
+    return 0
+
+
 def cmd_keys(args) -> int:
     print("config keys (YAML or --set key=value):\n" + describe_keys())
     return 0
@@ -121,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                             ("train", cmd_train, "fine-tune once and print the final table"),
                             ("sweep", cmd_sweep, "run or resume the Optuna study of the experiment"),
                             ("confirm", cmd_confirm, "re-train the study's top trials with new seeds"),
-                            ("keys", cmd_keys, "list every config key with its default")):
+                            ("curve", cmd_curve, "label-efficiency curve: fine-tuned vs from scratch vs linear probe"),
+                            ("keys", cmd_keys, "list every config key with its default"),
+                            ("models", cmd_models, "list every model with its stage count and parameter count")):
         p = sub.add_parser(name, help=help_)
         p.set_defaults(fn=fn)
         p.add_argument("--config", type=Path, help="experiment YAML (defaults if omitted)")
@@ -147,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(e, Terminated)
         closed = {"sweep": ": the running trial was closed and re-queued; run the same command again to resume",
                   "confirm": ": the running re-run was closed as KILLED; run the same command again (finished re-runs "
-                             "are skipped)"}.get(args.verb, "")
+                             "are skipped)",
+                  "curve": ": the running run was closed as KILLED; run the same command again (finished runs are "
+                           "skipped)"}.get(args.verb, "")
         print(f"{'terminated' if terminated else 'interrupted'}{closed}", file=sys.stderr)
         return 143 if terminated else 130
 

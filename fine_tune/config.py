@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, TypeAdapter, ValidationError,
-                      ValidationInfo, create_model, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, RootModel, StrictInt, StrictStr, Tag,
+                      TypeAdapter, ValidationError, ValidationInfo, create_model, field_validator, model_validator)
+
+from fine_tune import archs
 
 # Fashion-MNIST is fixed: 6,000 training and 1,000 test images per class.
 NUM_CLASSES = 10
 TRAIN_PER_CLASS = 6000
 TEST_PER_CLASS = 1000
-BACKBONE_DEPTH = {"simplenet": 2, "cnn": 4}
 
 
 class ConfigError(ValueError):
@@ -34,10 +35,14 @@ class Strict(BaseModel):
 class PretrainConfig(Strict):
     """The source task the backbone is pretrained on before fine-tuning."""
 
-    classes: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], description="Fashion-MNIST class ids of the source task")
+    classes: list[StrictInt | StrictStr] = Field(default_factory=lambda: [0, 1, 2, 3, 4],
+                                     description="class ids or names of the source task")
     epochs: int = Field(5, gt=0, description="pretraining epochs")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate for pretraining")
     batch_size: int = Field(128, gt=0, description="pretraining batch size")
+    holdout_per_class: int = Field(0, ge=0, description="training images per class (after validation) kept out of "
+                                                        "pretraining: a target of the same classes draws its labels "
+                                                        "from them, so it never fine-tunes on a pretraining image")
 
 
 # --- search-space dimensions: each knows how Optuna samples it and what a grid over it is
@@ -118,13 +123,41 @@ class Choices(RootModel[list]):
 Dimension = FloatRange | IntRange | Choices
 
 
+def _known_model(name: str) -> str:
+    if not archs.known(name):
+        raise ValueError(f"{name!r} is not a model here; use {', '.join(archs.SHOWN)} or another torchvision "
+                         "classification model (`python -m fine_tune models` lists them)")
+    return name
+
+
+class DataConfig(Strict):
+    """Which images: Fashion-MNIST, or a folder of your own in torchvision's ImageFolder layout."""
+
+    kind: Literal["fashion_mnist", "imagefolder"] = Field("fashion_mnist", description="fashion_mnist or imagefolder")
+    root: str | None = Field(None, description="imagefolder: the folder holding train/ (and val/, test/) or the "
+                                               "class folders")
+    shift: Literal["none", "rotate90", "invert", "noise"] = Field(
+        "none", description="a domain shift applied to the target task's images (never to the pretraining source)")
+
+    @model_validator(mode="after")
+    def _root(self) -> "DataConfig":
+        if self.kind == "imagefolder" and not self.root:
+            raise ValueError("kind imagefolder needs root: the folder of <class>/<image> folders")
+        return self
+
+
 class Hyperparameters(Strict):
     """What shapes one fine-tuning run and can be searched: every field here may appear under `search:` (a range
     for numbers, a list of choices for anything), and a sweep samples, logs and reports exactly these. Adding a
     field here makes it searchable everywhere."""
 
+    model: Annotated[str, AfterValidator(_known_model)] = Field(
+        "simplenet", description=f"architecture: {', '.join(archs.SHOWN)} or another torchvision classification model "
+                                 "(`python -m fine_tune models` lists them)")
+    image_size: int | None = Field(None, ge=8, description="input images are resized to this square size "
+                                                           "(default: the model's own, 28 for ours, 224 for torchvision's)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    frozen_layers: int = Field(0, ge=0, description="freeze the first k backbone layers")
+    frozen_layers: int = Field(0, ge=0, description="freeze the first k backbone stages")
     head_size: int = Field(0, ge=0, description="hidden units of the new head (0 = linear head)")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     batch_size: int = Field(64, gt=0, description="training batch size")
@@ -192,19 +225,39 @@ class SweepConfig(Strict):
                                  "in seconds (0 = every epoch); Ctrl-C / SIGTERM save it too")
 
 
+class CurveConfig(Strict):
+    """The label-efficiency curve (`make curve`): each budget, each arm, each seed is one tracked run."""
+
+    budgets: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 100, 500], min_length=1,
+                               description="labeled images per class, one point of the curve each")
+    seeds: int = Field(3, ge=1, description="runs per point: seed and data_seed 0..seeds-1 (init, order, label draw)")
+    probe_lr: float = Field(1e-2, gt=0, description="learning rate of the linear probe (a head alone learns faster)")
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if min(v) < 1 or len(set(v)) != len(v):
+            raise ValueError("budgets must be distinct and at least 1")
+        return sorted(v)
+
+
 class Config(Hyperparameters):
     """One fine-tuning run, or the fixed part of every trial in a sweep."""
 
     study: str = Field("fine-tune", min_length=1, description="name of the study / MLflow experiment")
-    model: Literal["simplenet", "cnn"] = Field("simplenet", description="architecture: simplenet or cnn")
-    classes: list[int] = Field(default_factory=lambda: list(range(NUM_CLASSES)), description="Fashion-MNIST class ids of the target task")
+    data: DataConfig = Field(default_factory=DataConfig, description="which images (default Fashion-MNIST)")
+    classes: list[StrictInt | StrictStr] | None = Field(None, description="class ids or names of the target task "
+                                                                         "(null = all)")
     budget_per_class: int | None = Field(None, gt=0, description="labeled training images per class (null = all)")
     val_per_class: int = Field(600, gt=0, description="validation images per class, carved from training images")
     test_per_class: int | None = Field(None, gt=0, description="cap on test images per class (null = all 1000)")
     data_seed: int = Field(0, description="seed for the budget and validation draw (fixed across trials)")
     seed: int = Field(0, description="seed for initialisation and batch order")
     pretrain: PretrainConfig | None = Field(None, description="source task to pretrain the backbone on (null = none)")
-    pretrained: str | None = Field(None, description="path of your own backbone checkpoint (overrides pretrain)")
+    pretrained: str | None = Field(None, description="path of your own backbone checkpoint (overrides pretrain "
+                                                     "and weights)")
+    weights: str | None = Field(None, description="torchvision weights of a torchvision model, e.g. IMAGENET1K_V1 or "
+                                                  "DEFAULT (cached under $TORCH_HOME/hub/checkpoints)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device (auto: cuda > mps > cpu)")
     amp: bool = Field(False, description="bf16 autocast on CUDA (ignored elsewhere)")
     cache_features: bool = Field(True, description="compute frozen layers' outputs once and train only the rest")
@@ -212,47 +265,75 @@ class Config(Hyperparameters):
     runs_dir: str = Field("runs", description="where stores, checkpoints and caches are written")
     search: SearchSpace | None = Field(None, description="Optuna search space (sweeps only)")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Optuna study settings (sweeps only)")
+    curve: CurveConfig = Field(default_factory=CurveConfig, description="label-efficiency curve settings (make curve)")
 
     @field_validator("classes")
     @classmethod
-    def _classes(cls, v: list[int]) -> list[int]:
-        return _check_classes(v)
+    def _classes(cls, v: list[int | str] | None) -> list[int | str] | None:
+        return v if v is None else _check_classes(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        depth = BACKBONE_DEPTH[self.model]
-        if self.frozen_layers > depth:
-            raise ValueError(f"frozen_layers={self.frozen_layers} but {self.model} has {depth} backbone layers")
-        if self.search and self.search.frozen_layers and max(self.search.frozen_layers.values()) > depth:
-            raise ValueError(f"search.frozen_layers.high={max(self.search.frozen_layers.values())} but "
-                             f"{self.model} has {depth} backbone layers")
-        used = self.val_per_class + (self.budget_per_class or 0)
-        if used > TRAIN_PER_CLASS or (self.budget_per_class is None and self.val_per_class >= TRAIN_PER_CLASS):
-            raise ValueError(
-                f"budget_per_class + val_per_class = {used} exceeds the {TRAIN_PER_CLASS} training images per class"
-            )
-        if self.test_per_class and self.test_per_class > TEST_PER_CLASS:
-            raise ValueError(f"test_per_class={self.test_per_class} exceeds the {TEST_PER_CLASS} test images per class")
+        models = self.search.model.values() if self.search and self.search.model else [self.model]
+        for model in models:  # every model a trial may get must take the frozen stages and image size it may get
+            depth = archs.stage_count(model)
+            if self.frozen_layers > depth:
+                raise ValueError(f"frozen_layers={self.frozen_layers} but {model} has {depth} backbone layers")
+            if self.search and self.search.frozen_layers and max(self.search.frozen_layers.values()) > depth:
+                raise ValueError(f"search.frozen_layers.high={max(self.search.frozen_layers.values())} but "
+                                 f"{model} has {depth} backbone layers")
+            sizes = self.search.image_size.values() if self.search and self.search.image_size else [self.image_size]
+            for size in sizes:
+                problem = archs.size_problem(model, size or archs.native_size(model))
+                if problem:
+                    raise ValueError(f"image_size {size}: {problem}")
+            if self.weights and model in archs.SMALL:
+                raise ValueError(f"weights: {model} is ours and has no torchvision weights; use pretrain: or "
+                                 "pretrained: instead")
+        if self.weights and self.pretrain is not None and not self.pretrained:
+            raise ValueError("weights and pretrain both choose the backbone's starting weights; keep one")
+        if self.data.kind == "fashion_mnist":  # its sizes are known before any image is read
+            for classes in (self.classes, self.pretrain.classes if self.pretrain else None):
+                bad = [c for c in classes or [] if isinstance(c, int) and not 0 <= c < NUM_CLASSES]
+                if bad:
+                    raise ValueError(f"class ids {bad} are out of range; Fashion-MNIST ids are 0-9")
+            used = self.val_per_class + (self.budget_per_class or 0)
+            if used > TRAIN_PER_CLASS or (self.budget_per_class is None and self.val_per_class >= TRAIN_PER_CLASS):
+                raise ValueError(f"budget_per_class + val_per_class = {used} exceeds the {TRAIN_PER_CLASS} training "
+                                 "images per class")
+            if self.test_per_class and self.test_per_class > TEST_PER_CLASS:
+                raise ValueError(f"test_per_class={self.test_per_class} exceeds the {TEST_PER_CLASS} test images per "
+                                 "class")
         if self.pretrain is not None:
             _check_classes(self.pretrain.classes)
+            shared = set(self.pretrain.classes) & set(self.classes if self.classes is not None else range(NUM_CLASSES))
+            if shared and self.budget_per_class and self.budget_per_class > self.pretrain.holdout_per_class:
+                raise ValueError(f"the target shares classes {sorted(shared, key=str)} with pretraining, so its "
+                                 f"{self.budget_per_class} labeled images per class must come from the "
+                                 f"{self.pretrain.holdout_per_class} held out of pretraining; raise "
+                                 "pretrain.holdout_per_class")
         return self
+
+    def input_size(self) -> int:
+        """The square size images are resized to for this run's model."""
+        return self.image_size or archs.native_size(self.model)
 
     def pretrain_key(self) -> str:
         """Hash of everything that shapes the pretrained backbone: the cache key of `make pretrain`."""
         fields = {"model": self.model, "data_seed": self.data_seed, "seed": self.seed,
                   "val_per_class": self.val_per_class, "pretrain": self.pretrain.model_dump() if self.pretrain else None}
+        if self.input_size() != archs.native_size(self.model) or self.data.kind != "fashion_mnist" or self.weights:
+            fields |= {"image_size": self.input_size(), "data": self.data.model_dump(exclude={"shift"}),
+                       "weights": self.weights}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir)
 
 
-def _check_classes(v: list[int]) -> list[int]:
+def _check_classes(v: list[int | str]) -> list[int | str]:
     if not v:
-        raise ValueError("the class list is empty; give at least two class ids from 0-9")
-    bad = [c for c in v if not 0 <= c < NUM_CLASSES]
-    if bad:
-        raise ValueError(f"class ids {bad} are out of range; Fashion-MNIST ids are 0-9")
+        raise ValueError("the class list is empty; give at least two class ids or names")
     if len(set(v)) != len(v):
         raise ValueError("class ids repeat; list each once")
     if len(v) < 2:
@@ -315,9 +396,10 @@ def _one_line(e: ValidationError) -> str:
 def describe_keys() -> str:
     """Every config key with its default and description, for `python -m fine_tune keys`."""
     lines = []
-    for model, prefix in ((Config, ""), (PretrainConfig, "pretrain."), (SweepConfig, "sweep.")):
+    for model, prefix in ((Config, ""), (DataConfig, "data."), (PretrainConfig, "pretrain."), (SweepConfig, "sweep."),
+                          (CurveConfig, "curve.")):
         for name, f in model.model_fields.items():
-            if name in ("pretrain", "search", "sweep"):
+            if name in ("pretrain", "search", "sweep", "data", "curve"):
                 continue
             default = f.default if not callable(f.default_factory) else f.default_factory()
             lines.append(f"  {prefix + name:26s} {f.description}  [default: {default!r}]")

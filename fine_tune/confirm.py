@@ -90,7 +90,7 @@ def rerun(inputs: Inputs, tracker: StudyTracker, trial: optuna.trial.FrozenTrial
             "fine_tune.worker": worker_id()}
     with run_scope(lambda: tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}", tags,
                                              inputs.run_params(run_cfg))) as run:
-        result = train(run_cfg, inputs.splits, inputs.backbone, tracker=run)
+        result = train(run_cfg, *inputs.for_run(run_cfg), tracker=run)
         if result.status != "finished":
             run.end("FAILED", "FAIL", result.message)
             return None

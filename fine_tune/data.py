@@ -1,8 +1,14 @@
-"""Fashion-MNIST, found offline when possible, held in memory as tensors, cut into budget/val/test splits.
+"""The images: Fashion-MNIST (found offline when possible) or a folder of your own, held in memory as uint8 tensors and
+cut into budget / validation / test splits the same way for both.
 
-Where the files come from, in order: the config's `data_dir` or `$FINE_TUNE_DATA`; Debian's
-`dataset-fashion-mnist` in /usr/share/datasets/fashion-mnist; installing that package (root with apt);
-torchvision's download. They are extracted under `data/FashionMNIST/raw/`, where torchvision's FashionMNIST reads them.
+Fashion-MNIST comes from, in order: the config's `data_dir` or `$FINE_TUNE_DATA`; Debian's `dataset-fashion-mnist`
+in /usr/share/datasets/fashion-mnist; installing that package (root with apt); torchvision's download. The files are
+extracted under `data/FashionMNIST/raw/`, where torchvision's FashionMNIST reads them.
+
+An image folder (`data: {kind: imagefolder, root: PATH}`) has torchvision's ImageFolder layout: `train/<class>/*`
+with optional `val/` and `test/` beside it, or `<class>/*` directly (validation and test are then drawn from it by
+`data_seed`). Its images are decoded and resized once, into a uint8 tensor file under `runs/data_cache/` keyed by
+the file list, sizes, modification times and the image size, so trials never decode an image again.
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-# Channel statistics of the Fashion-MNIST training set, so inputs are roughly zero-mean, unit-variance.
-MEAN, STD = 0.2860, 0.3530
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+TEST_SHARE = 0.2  # of each class, when an image folder has no test/ and test_per_class is not set
 
 
 class DataError(RuntimeError):
@@ -31,9 +37,9 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor  # float32 (N, 1, 28, 28), normalised
+    x: torch.Tensor  # uint8 (N, C, H, W); the model scales and normalises it
     y: torch.Tensor  # int64 (N,), remapped to 0..k-1
-    index: torch.Tensor  # positions in the official training or test set, for audits
+    index: torch.Tensor  # positions in the source's image set, for audits and cache keys
 
     def __len__(self) -> int:
         return len(self.y)
@@ -45,7 +51,26 @@ class Splits:
     val: Split
     test: Split
     class_names: list[str]
-    fingerprint: str  # identifies exactly which images are in train and val
+    fingerprint: str  # identifies exactly which images (and pixels) are in train and val
+
+
+@dataclass(frozen=True)
+class Images:
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,), the source's class ids
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data set as found: its training images, and its own test and validation images where it has them."""
+
+    train: Images
+    test: Images | None
+    val: Images | None
+    class_names: list[str]
+
+
+# --- Fashion-MNIST
 
 
 def _has_files(d: Path) -> bool:
@@ -120,7 +145,7 @@ def prepare(data_dir: str | None = None, root: str | Path = "data") -> Path:
 @functools.lru_cache(maxsize=2)
 def load(data_dir: str | None = None, root: str = "data") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                       torch.Tensor, tuple[str, ...]]:
-    """All of Fashion-MNIST as uint8 images and int64 labels, read once per process."""
+    """All of Fashion-MNIST as uint8 images (N, 28, 28) and int64 labels, read once per process."""
     from torchvision.datasets import FashionMNIST
 
     r = str(prepare(data_dir, root))
@@ -128,8 +153,87 @@ def load(data_dir: str | None = None, root: str = "data") -> tuple[torch.Tensor,
     return tr.data, tr.targets, te.data, te.targets, tuple(tr.classes)
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+def fashion_mnist(data_dir: str | None = None) -> Source:
+    tr_x, tr_y, te_x, te_y, names = load(data_dir)
+    return Source(Images(tr_x.unsqueeze(1), tr_y), Images(te_x.unsqueeze(1), te_y), None, list(names))
+
+
+# --- an image folder of your own
+
+
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    classes = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if not files:
+            raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES[:4])}...); add images or "
+                            "remove the folder")
+        classes[d.name] = files
+    if not classes:
+        raise DataError(f"{folder} has no class folders; lay it out as {folder}/<class>/<image> (torchvision "
+                        "ImageFolder), optionally under train/, val/, test/")
+    return classes
+
+
+def _decode(files: list[Path], image_size: int) -> torch.Tensor:
+    """Images decoded to RGB and resized to image_size x image_size, as one uint8 (N, 3, S, S) tensor."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    out = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"image {f} cannot be read ({type(e).__name__}: {str(e)[:80]}); fix or remove it") from None
+        out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    return out
+
+
+def image_folder(root: str | Path, image_size: int, cache_dir: str | Path | None = None) -> Source:
+    """A folder of images as a Source: decoded once per (files, image size) and cached as one tensor file."""
+    from fine_tune import checkpoints
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; set data.root to a folder of <class>/<image> folders")
+    parts = {p: root / p for p in ("train", "val", "test") if (root / p).is_dir()}
+    if "train" not in parts and parts:
+        raise DataError(f"{root} has {'/'.join(parts)}/ but no train/; add train/<class>/ or put the class folders "
+                        "directly in it")
+    parts = parts or {"train": root}
+    found = {name: _class_folders(folder) for name, folder in parts.items()}
+    names = list(found["train"])
+    for part in ("val", "test"):
+        if part in found and set(found[part]) - set(names):
+            raise DataError(f"{parts[part]} has classes that train/ lacks ({sorted(set(found[part]) - set(names))}); "
+                            "every val/test class needs training images")
+    key = hashlib.sha256(str(image_size).encode())
+    for part, classes in found.items():
+        for name, files in classes.items():
+            for f in files:
+                st = f.stat()
+                key.update(f"{part}|{name}|{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = Path(cache_dir) / f"imagefolder-{key.hexdigest()[:24]}.pt" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            stored = checkpoints.load_any(cache)
+            return Source(*(Images(**stored[p]) if stored.get(p) else None for p in ("train", "test", "val")),
+                          stored["class_names"])
+        except (checkpoints.CheckpointError, KeyError, TypeError):
+            pass  # a damaged cache entry is rebuilt, never trusted
+    decoded = {}
+    for part, classes in found.items():
+        files = [f for name in names for f in classes.get(name, [])]
+        labels = [i for i, name in enumerate(names) for _ in classes.get(name, [])]
+        decoded[part] = {"x": _decode(files, image_size), "y": torch.tensor(labels, dtype=torch.long)}
+    if cache is not None:
+        checkpoints.save({**decoded, "class_names": names}, cache)
+    return Source(*(Images(**decoded[p]) if p in decoded else None for p in ("train", "test", "val")), names)
+
+
+# --- splits
 
 
 def _per_class(labels: torch.Tensor, classes: list[int], seed: int) -> list[torch.Tensor]:
@@ -142,35 +246,96 @@ def _per_class(labels: torch.Tensor, classes: list[int], seed: int) -> list[torc
     return out
 
 
-def make_splits(classes: list[int], val_per_class: int, budget_per_class: int | None = None,
-                test_per_class: int | None = None, data_seed: int = 0, data_dir: str | None = None) -> Splits:
+def class_ids(source: Source, classes: list[int | str] | None) -> list[int]:
+    """The source's ids of `classes` (ids or folder / class names; None = all of them)."""
+    if classes is None:
+        return list(range(len(source.class_names)))
+    ids = []
+    for c in classes:
+        if isinstance(c, str):
+            if c not in source.class_names:
+                raise DataError(f"class {c!r} is not in the data (classes: {', '.join(source.class_names)}); "
+                                "fix `classes:`")
+            ids.append(source.class_names.index(c))
+        elif not 0 <= c < len(source.class_names):
+            raise DataError(f"class id {c} is out of range; the data has {len(source.class_names)} classes")
+        else:
+            ids.append(c)
+    return ids
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(x, [size, size], antialias=True)
+
+
+def shifted(x: torch.Tensor, shift: str, seed: int) -> torch.Tensor:
+    """Images under a domain shift: turned a quarter, inverted, or with seeded Gaussian noise (sd 64 of 255)."""
+    if shift == "rotate90":
+        return torch.rot90(x, 1, dims=(-2, -1)).contiguous()
+    if shift == "invert":
+        return 255 - x
+    if shift == "noise":
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 64
+        return (x.float() + noise).round().clamp(0, 255).to(torch.uint8)
+    return x
+
+
+def make_splits(source: Source, classes: list[int | str] | None, val_per_class: int,
+                budget_per_class: int | None = None, test_per_class: int | None = None, data_seed: int = 0,
+                image_size: int | None = None, shift: str = "none", holdout_per_class: int = 0) -> Splits:
     """Carve a stratified validation set and a per-class labeled budget from the training images.
 
-    Validation and budget are disjoint draws from the same seeded order; the test set is the official test
-    images of `classes`, used once at the end of a run and never for selection.
+    Validation and budget are disjoint draws from the same seeded order; the test set is the source's own test images
+    of `classes` (or, when it has none, a first disjoint draw), used once at the end of a run and never for selection.
+    `holdout_per_class` images after validation are skipped (pretraining leaves them to a target's budget).
     """
-    train_x, train_y, test_x, test_y, names = load(data_dir)
-    remap = torch.full((10,), -1, dtype=torch.long)
-    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    ids = class_ids(source, classes)
+    remap = torch.full((len(source.class_names),), -1, dtype=torch.long)
+    remap[torch.tensor(ids)] = torch.arange(len(ids))
+    names = [source.class_names[c] for c in ids]
+    val_idx, train_idx, test_idx = [], [], []
+    for c, name, order in zip(ids, names, _per_class(source.train.y, ids, data_seed)):
+        n_test = 0 if source.test is not None else test_per_class or max(1, int(TEST_SHARE * len(order)))
+        n_val = 0 if source.val is not None else val_per_class
+        n_val += holdout_per_class  # skipped like validation images, but not returned
+        need = n_test + n_val + (budget_per_class or 1)
+        if len(order) < need:
+            raise DataError(f"class {name!r} has {len(order)} training images, fewer than the {need} this run needs "
+                            f"(test {n_test} + validation and held out {n_val} + budget {budget_per_class or 1}); lower "
+                            "budget_per_class / val_per_class / test_per_class or add images")
+        test_idx.append(order[:n_test])
+        val_idx.append(order[n_test:n_test + n_val - holdout_per_class])
+        end = None if budget_per_class is None else n_test + n_val + budget_per_class
+        train_idx.append(order[n_test + n_val:end])
 
-    val_idx, train_idx = [], []
-    for order in _per_class(train_y, classes, data_seed):
-        val_idx.append(order[:val_per_class])
-        end = None if budget_per_class is None else val_per_class + budget_per_class
-        train_idx.append(order[val_per_class:end])
-    test_idx = [order[:test_per_class] for order in _per_class(test_y, classes, data_seed)]
-
-    def take(x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor]) -> Split:
+    def take(images: Images, parts: list[torch.Tensor]) -> Split:
         idx = torch.cat(parts).sort().values
-        return Split(_normalise(x[idx]), remap[y[idx]], idx)
+        x = shifted(_resize(images.x[idx], image_size), shift, data_seed + int(idx.sum()))
+        return Split(x, remap[images.y[idx]], idx)
 
-    train, val = take(train_x, train_y, train_idx), take(train_x, train_y, val_idx)
+    def own(images: Images, cap: int | None) -> Split:  # the source's own val / test images of these classes
+        return take(images, [order[:cap] for order in _per_class(images.y, ids, data_seed)])
+
+    train, val = take(source.train, train_idx), (own(source.val, val_per_class) if source.val is not None
+                                                  else take(source.train, val_idx))
+    test = own(source.test, test_per_class) if source.test is not None else take(source.train, test_idx)
     fingerprint = hashlib.sha256(train.index.numpy().tobytes() + b"|" + val.index.numpy().tobytes()
-                                 + train_x[train.index].numpy().tobytes()).hexdigest()[:16]
-    return Splits(train, val, take(test_x, test_y, test_idx), [names[c] for c in classes], fingerprint)
+                                 + train.x.numpy().tobytes()).hexdigest()[:16]
+    return Splits(train, val, test, names, fingerprint)
 
 
-def splits_for(cfg) -> Splits:
-    """The splits a `Config` describes."""
-    return make_splits(cfg.classes, cfg.val_per_class, cfg.budget_per_class, cfg.test_per_class,
-                       cfg.data_seed, cfg.data_dir)
+def source_for(cfg) -> Source:
+    """The data a `Config` names, at the image size its model takes."""
+    if cfg.data.kind == "imagefolder":
+        return image_folder(cfg.data.root, cfg.input_size(), cfg.run_dir() / "data_cache")
+    return fashion_mnist(cfg.data_dir)
+
+
+def splits_for(cfg, holdout_per_class: int = 0) -> Splits:
+    """The splits a `Config` describes (`holdout_per_class`: see make_splits)."""
+    return make_splits(source_for(cfg), cfg.classes, cfg.val_per_class, cfg.budget_per_class, cfg.test_per_class,
+                       cfg.data_seed, cfg.input_size(), cfg.data.shift, holdout_per_class)

@@ -13,10 +13,9 @@ import torch
 
 from fine_tune import checkpoints
 from fine_tune.data import Split, Splits
-from fine_tune.models import Net
+from fine_tune.models import Net, inference_batch
 
 _memory: dict[str, dict[str, torch.Tensor]] = {}
-BATCH = 4096
 
 
 def cache_key(model: Net, k: int, splits: Splits) -> str:
@@ -37,13 +36,10 @@ def clear_memory() -> None:
 
 
 @torch.no_grad()
-def _through(model: Net, k: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _through(model: Net, k: int, x: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
     out = []
-    for i in range(0, len(x), BATCH):
-        h = x[i:i + BATCH].to(device)
-        for layer in model.backbone[:k]:
-            h = layer(h)
-        out.append(h.cpu())
+    for i in range(0, len(x), batch):
+        out.append(model.through(x[i:i + batch].to(device), 0, k).cpu())
     return torch.cat(out)
 
 
@@ -62,7 +58,8 @@ def frozen_features(model: Net, k: int, splits: Splits, device: torch.device,
     if feats is None:
         was_training = model.training
         model.eval()
-        feats = {name: _through(model, k, getattr(splits, name).x, device) for name in ("train", "val", "test")}
+        feats = {name: _through(model, k, getattr(splits, name).x, device, inference_batch(model, 4096))
+                 for name in ("train", "val", "test")}
         model.train(was_training)
     if path is not None and not on_disk and (_memory.get(key) is None or not path.is_file()):
         checkpoints.save(feats, path)  # other workers (other processes) read it from here

@@ -1,12 +1,45 @@
-"""SimpleNet (the tutorial's 784-128-64-10 MLP) and a small CNN, each an ordered backbone plus a new head.
+"""Every model is an ordered backbone of stages plus a new head: SimpleNet (the tutorial's 784-128-64-10 MLP), a small
+CNN, and torchvision's classification architectures (ResNet, MobileNet, EfficientNet, ConvNeXt, VGG, ViT families).
 
-`frozen_layers: k` freezes the first k backbone layers: no gradients, and eval mode so normalisation
-statistics and dropout inside them stay as pretrained.
+`frozen_layers: k` freezes the first k stages: no gradients, and eval mode so normalisation statistics and dropout
+inside them stay as pretrained. The head replaces the architecture's final Linear layer; everything before it is
+backbone, so a torchvision model keeps its pretrained pooling and pre-logit layers. Images arrive as uint8 and are
+scaled and normalised by the model itself (`Prep`), so the data stay small in memory whatever the model.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from fine_tune.archs import SMALL, TORCHVISION, TORCHVISION_STAGES, family, native_size
+
+# Fashion-MNIST's channel statistics, for the models made for it; torchvision's models use ImageNet's, as their
+# weights' transforms do.
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+
+class Prep(nn.Module):
+    """uint8 images -> the float input the first stage expects: scaled to [0, 1], grey expanded to the model's three
+    channels (or colour averaged to its one), normalised by the training statistics of its family."""
+
+    def __init__(self, channels: int, mean: tuple, std: tuple):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        return (x - self.mean) / self.std
+
+
+# --- our own models
 
 
 def _simplenet_backbone() -> tuple[nn.ModuleList, int]:
@@ -28,7 +61,66 @@ def _cnn_backbone() -> tuple[nn.ModuleList, int]:
     ]), 64
 
 
-BACKBONES = {"simplenet": _simplenet_backbone, "cnn": _cnn_backbone}
+# --- torchvision's models, cut into stages
+
+
+class _ViTEmbed(nn.Module):
+    """A ViT's patch embedding, class token and position embedding: `VisionTransformer._process_input` and the first
+    lines of its encoder, as a stage of its own."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.conv_proj, self.class_token = vit.conv_proj, vit.class_token
+        self.pos_embedding, self.dropout = vit.encoder.pos_embedding, vit.encoder.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+
+class _ClassToken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+def _chunks(modules: list, n: int) -> list[list]:
+    """`modules` cut into n consecutive groups of near-equal length."""
+    size = len(modules) / n
+    return [modules[round(i * size):round((i + 1) * size)] for i in range(n)]
+
+
+def torchvision_trunk(arch: str, image_size: int) -> nn.Module:
+    """torchvision's model `arch`, untrained (weights are loaded through `weights.py`, checked first)."""
+    import torchvision
+
+    if arch not in TORCHVISION:
+        raise ValueError(f"model {arch!r} is not one of ours nor a torchvision model with a stage rule here")
+    kwargs = {"image_size": image_size} if family(arch) == "vit" else {}
+    return torchvision.models.get_model(arch, weights=None, **kwargs)
+
+
+def _torchvision_backbone(trunk: nn.Module, arch: str) -> tuple[nn.ModuleList, int]:
+    """The stages of a torchvision model (its own modules, so its weights go with them) and the width of the
+    features its final Linear layer took."""
+    fam = family(arch)
+    if fam == "resnet":
+        stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+        last = nn.Sequential(trunk.layer4, trunk.avgpool, nn.Flatten(1))
+        return nn.ModuleList([stem, trunk.layer1, trunk.layer2, trunk.layer3, last]), trunk.fc.in_features
+    if fam == "vit":
+        blocks = _chunks(list(trunk.encoder.layers), TORCHVISION_STAGES - 1)
+        stages = [_ViTEmbed(trunk)] + [nn.Sequential(*b) for b in blocks]
+        stages[-1] = nn.Sequential(*blocks[-1], trunk.encoder.ln, _ClassToken())
+        return nn.ModuleList(stages), trunk.heads.head.in_features
+    # features -> avgpool -> (flatten) -> classifier, whose last Linear is what the head replaces
+    *kept, final = list(trunk.classifier)
+    flatten = [] if any(isinstance(m, nn.Flatten) for m in kept) else [nn.Flatten(1)]
+    groups = _chunks(list(trunk.features), TORCHVISION_STAGES)
+    stages = [nn.Sequential(*g) for g in groups[:-1]]
+    stages.append(nn.Sequential(*groups[-1], trunk.avgpool, *flatten, *kept))
+    return nn.ModuleList(stages), final.in_features
 
 
 def make_head(features: int, num_classes: int, head_size: int) -> nn.Module:
@@ -39,20 +131,38 @@ def make_head(features: int, num_classes: int, head_size: int) -> nn.Module:
 
 
 class Net(nn.Module):
-    def __init__(self, arch: str, num_classes: int, head_size: int = 0):
+    """`arch`'s backbone (ordered stages) and a new head for `num_classes` classes."""
+
+    def __init__(self, arch: str, num_classes: int, head_size: int = 0, image_size: int | None = None,
+                 trunk_state: dict | None = None):
         super().__init__()
-        self.backbone, features = BACKBONES[arch]()
+        self.arch, self.image_size = arch, image_size or native_size(arch)
+        if arch in SMALL:
+            self.backbone, features = {"simplenet": _simplenet_backbone, "cnn": _cnn_backbone}[arch]()
+            self.prep = Prep(1, FASHION_MEAN, FASHION_STD)
+        else:
+            trunk = torchvision_trunk(arch, self.image_size)
+            if trunk_state is not None:  # torchvision's own weights, keyed as its model is
+                trunk.load_state_dict(trunk_state)
+            self.backbone, features = _torchvision_backbone(trunk, arch)
+            self.prep = Prep(3, IMAGENET_MEAN, IMAGENET_STD)
         self.head = make_head(features, num_classes, head_size)
         self.frozen = 0
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits; `start=k` takes the output of the first k backbone layers instead of images."""
-        for layer in self.backbone[start:]:
-            x = layer(x)
-        return self.head(x)
+        """Logits; `start=k` takes the output of the first k backbone stages instead of images."""
+        return self.head(self.through(x, start, len(self.backbone)))
+
+    def through(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The output of backbone stages start..stop-1 (from uint8 images when start is 0)."""
+        if start == 0:
+            x = self.prep(x)
+        for stage in self.backbone[start:stop]:
+            x = stage(x)
+        return x
 
     def freeze(self, k: int) -> "Net":
-        """Freeze the first k backbone layers."""
+        """Freeze the first k backbone stages."""
         if not 0 <= k <= len(self.backbone):
             raise ValueError(f"frozen_layers={k} but the backbone has {len(self.backbone)} layers")
         self.frozen = k
@@ -67,9 +177,54 @@ class Net(nn.Module):
         return self
 
 
-def build_model(arch: str, num_classes: int, head_size: int = 0, frozen_layers: int = 0) -> Net:
-    return Net(arch, num_classes, head_size).freeze(frozen_layers)
+def build_model(arch: str, num_classes: int, head_size: int = 0, frozen_layers: int = 0,
+                image_size: int | None = None) -> Net:
+    return Net(arch, num_classes, head_size, image_size).freeze(frozen_layers)
+
+
+def inference_batch(model: nn.Module, small: int = 2048) -> int:
+    """Images per forward pass when nothing is trained: `small` for our small models (fewer, bigger matrix products),
+    few enough for a torchvision model's activations to stay in memory."""
+    return small if count_params(model, trainable_only=False) < 10**6 else 64
 
 
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def fwd_flops(model: Net, image_size: int) -> int:
+    """FLOPs of one forward pass per image (2 per multiply-add of every convolution and Linear layer), counted by
+    running one image through with hooks."""
+    flops = [0]
+
+    def conv(m, inp, out):
+        flops[0] += 2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def linear(m, inp, out):
+        flops[0] += 2 * out.numel() // out.shape[-1] * m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(torch.zeros(1, 1, image_size, image_size, dtype=torch.uint8))
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return flops[0]
+
+
+def describe(arch: str) -> tuple[int, int | None]:
+    """(stages, parameters) of an architecture, the parameters from torchvision's weights metadata when it has
+    some (no model is built), else by building it."""
+    if family(arch):
+        import torchvision
+
+        try:
+            return TORCHVISION_STAGES, torchvision.models.get_model_weights(arch).DEFAULT.meta["num_params"]
+        except (ValueError, AttributeError, KeyError):
+            pass
+    return SMALL[arch][0], count_params(build_model(arch, 10), trainable_only=False)  # for their 10 classes

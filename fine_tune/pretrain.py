@@ -1,7 +1,9 @@
-"""Produce the tutorial's `pretrained_model.pth` for real: train on a source task, cache by config hash.
+"""Where a run's backbone comes from: a user's checkpoint (`pretrained:`), torchvision's weights (`weights:`), or
+the tutorial's `pretrained_model.pth` produced for real (`pretrain:`: train on a source task, cache by config hash).
 
-The checkpoint is `runs/pretrained/<model>-<hash>.pt` with a JSON sidecar saying how it was made. Pretraining
-uses the same data seed and validation size as the target task, so no target validation image is ever trained on.
+Every backbone ends up as one of our checkpoints, `runs/pretrained/<model>-<hash>.pt` with a JSON sidecar saying how
+it was made, so a trial loads, hashes and caches features the same way whatever its origin. Pretraining uses the same
+data seed and validation size as the target task, so no target validation image is ever trained on.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ def source_config(cfg: Config) -> Config:
     p = cfg.pretrain
     return cfg.model_copy(update=dict(classes=p.classes, budget_per_class=None, frozen_layers=0, head_size=0,
                                       lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, weight_decay=0.0,
-                                      patience=None, pretrain=None, pretrained=None, search=None))
+                                      patience=None, label_smoothing=0.0, pretrain=None, pretrained=None,
+                                      weights=None, search=None,
+                                      data=cfg.data.model_copy(update={"shift": "none"})))
 
 
 def cache_path(cfg: Config) -> Path:
@@ -33,35 +37,60 @@ def cache_path(cfg: Config) -> Path:
 
 
 def backbone_for(cfg: Config, log: Callable[[str], None] = print) -> str | None:
-    """Path of the backbone checkpoint `cfg` fine-tunes from (pretraining it first if not cached), or None."""
+    """Path of the backbone checkpoint `cfg` fine-tunes from (made first if not cached), or None (from scratch)."""
     if cfg.pretrained:
         # fail now, with a clear line, rather than in every trial
-        checkpoints.load_backbone(build_model(cfg.model, len(cfg.classes)), cfg.pretrained)
+        checkpoints.load_backbone(build_model(cfg.model, 2, image_size=cfg.input_size()), cfg.pretrained)
         return cfg.pretrained
-    if cfg.pretrain is None:
+    if cfg.pretrain is None and cfg.weights is None:
         return None
     path = cache_path(cfg)
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
         meta = json.loads(sidecar.read_text())
         if meta.get("sha256") == checkpoints.file_sha256(path):
-            log(f"pretrained backbone: reusing {path} (source val accuracy {meta['source_val_accuracy']:.4f})")
+            what = meta.get("origin") or f"source val accuracy {meta['source_val_accuracy']:.4f}"
+            log(f"pretrained backbone: reusing {path} ({what})")
             return str(path)
-        log(f"pretrained backbone: {path} does not match its sidecar; pretraining again")
-    return str(pretrain(cfg, log))
+        log(f"pretrained backbone: {path} does not match its sidecar; making it again")
+    return str(from_torchvision(cfg, log) if cfg.weights else pretrain(cfg, log))
+
+
+def from_torchvision(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """torchvision's weights for `cfg.model` (checked, offline-safe) as one of our backbone checkpoints; a ViT's
+    position embedding is interpolated to the run's image size."""
+    from fine_tune import weights
+    from fine_tune.models import Net
+
+    state, source = weights.load(cfg.model, cfg.weights)
+    if cfg.model.startswith("vit_") and cfg.input_size() != 224:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(cfg.input_size(), int(cfg.model.rsplit("_", 1)[1]), state)
+    model = Net(cfg.model, 2, image_size=cfg.input_size(), trunk_state=state)
+    path = checkpoints.save({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")},
+                            cache_path(cfg))
+    meta = {"model": cfg.model, "origin": f"torchvision {cfg.model} {cfg.weights}", "source_file": source,
+            "source_sha256": checkpoints.file_sha256(source), "image_size": cfg.input_size(),
+            "config_hash": cfg.pretrain_key(), "sha256": checkpoints.file_sha256(path),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    checkpoints.save_json(meta, path.with_suffix(".json"))
+    log(f"pretrained backbone: {meta['origin']} from {source} saved as {path}")
+    return path
 
 
 def pretrain(cfg: Config, log: Callable[[str], None] = print) -> Path:
     """Train the whole model on the source classes; save its state dict and sidecar atomically."""
     src = source_config(cfg)
     log(f"pretraining {cfg.model} on classes {src.classes} for {src.epochs} epochs ...")
-    splits = splits_for(src)
+    splits = splits_for(src, holdout_per_class=cfg.pretrain.holdout_per_class)
     result = train(src, splits, on_epoch=lambda e, m: log(f"  epoch {e}: val/accuracy {m['val/accuracy']:.4f}"))
     if result.status != "finished":
         raise RuntimeError(f"pretraining diverged: {result.message}")
     path = cache_path(cfg)
     checkpoints.save(result.model.state_dict(), path)
-    meta = {"model": cfg.model, "source_classes": src.classes, "epochs": src.epochs, "lr": src.lr,
+    meta = {"model": cfg.model, "source_classes": src.classes, "holdout_per_class": cfg.pretrain.holdout_per_class,
+            "epochs": src.epochs, "lr": src.lr,
             "batch_size": src.batch_size, "seed": src.seed, "data_seed": src.data_seed,
             "source_val_accuracy": result.metrics["val/accuracy"],
             "source_test_accuracy": result.metrics["test/accuracy"],

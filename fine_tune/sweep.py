@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from fine_tune import checkpoints, figures
-from fine_tune.config import Config, ConfigError, Hyperparameters
+from fine_tune.config import Choices, Config, ConfigError, Hyperparameters
 from fine_tune.data import Splits, splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.interrupts import interruptible
@@ -35,30 +35,48 @@ class TrialDiverged(RuntimeError):
 
 @dataclass
 class Inputs:
-    """What every trial of a sweep shares, resolved once at the entry point and handed to every worker."""
+    """What the runs of a sweep share, resolved once at the entry point and handed to every worker: the data splits
+    at each image size and the backbone of each (model, image size) its search space can give a trial."""
 
     cfg: Config
-    splits: Splits
-    backbone: str | None  # path of the checkpoint fine-tuned from, or None (from scratch)
-    backbone_sha256: str | None
+    splits: dict[int, Splits]  # by image size
+    backbones: dict[tuple[str, int], tuple[str | None, str | None]]  # (model, image size) -> (checkpoint, sha256)
+
+    def for_run(self, cfg: Config) -> tuple[Splits, str | None]:
+        """The splits and backbone checkpoint a run of `cfg` (a trial's or a re-run's config) trains on."""
+        return self.splits[cfg.input_size()], self.backbones[cfg.model, cfg.input_size()][0]
 
     def run_params(self, cfg: Config) -> dict[str, Any]:
-        """The params of a run of `cfg` (a trial's or a re-run's config): its hyperparameters, then the fixed
-        context it shares with every run of the study."""
-        return {**cfg.model_dump(include=set(Hyperparameters.model_fields)),
-                "model": cfg.model, "classes": cfg.classes, "class_names": "|".join(self.splits.class_names),
-                "budget_per_class": cfg.budget_per_class, "val_per_class": cfg.val_per_class,
-                "train_images": len(self.splits.train), "val_images": len(self.splits.val),
-                "test_images": len(self.splits.test), "seed": cfg.seed, "data_seed": cfg.data_seed,
-                "data_fingerprint": self.splits.fingerprint, "pretrained": self.backbone or "none",
-                "pretrained_sha256": (self.backbone_sha256 or "none")[:16], "objective": cfg.sweep.objective}
+        """The params of a run of `cfg`: its hyperparameters, then the fixed context every run of the study shares."""
+        splits = self.splits[cfg.input_size()]
+        backbone, sha = self.backbones[cfg.model, cfg.input_size()]
+        return {**cfg.model_dump(include=set(Hyperparameters.model_fields)), "image_size": cfg.input_size(),
+                "data": cfg.data.root or cfg.data.kind, "classes": cfg.classes,
+                "class_names": "|".join(splits.class_names), "budget_per_class": cfg.budget_per_class,
+                "val_per_class": cfg.val_per_class, "train_images": len(splits.train), "val_images": len(splits.val),
+                "test_images": len(splits.test), "seed": cfg.seed, "data_seed": cfg.data_seed,
+                "data_fingerprint": splits.fingerprint, "pretrained": backbone or "none",
+                "pretrained_sha256": (sha or "none")[:16], "objective": cfg.sweep.objective}
 
 
 def resolve_inputs(cfg: Config, log: Callable[[str], None] = print) -> Inputs:
-    """The data splits and the backbone `cfg` describes (pretraining it first if it is not cached)."""
-    prepare_data(cfg.data_dir)
-    backbone = backbone_for(cfg, log)
-    return Inputs(cfg, splits_for(cfg), backbone, checkpoints.file_sha256(backbone) if backbone else None)
+    """The data splits and backbones `cfg` and its search space describe (backbones made first if not cached)."""
+    if cfg.data.kind == "fashion_mnist":
+        prepare_data(cfg.data_dir)
+    space = cfg.search.dimensions() if cfg.search else {}
+    models = space["model"].values() if "model" in space else [cfg.model]
+    sizes = space["image_size"].values() if "image_size" in space else [cfg.image_size]
+    if "image_size" in space and not isinstance(space["image_size"], Choices):
+        sizes = range(space["image_size"].low, space["image_size"].high + 1)
+    splits, backbones = {}, {}
+    for model in models:
+        for size in sizes:
+            variant = cfg.model_copy(update={"model": model, "image_size": size})
+            if variant.input_size() not in splits:
+                splits[variant.input_size()] = splits_for(variant)
+            backbone = backbone_for(variant, log)
+            backbones[model, variant.input_size()] = (backbone, checkpoints.file_sha256(backbone) if backbone else None)
+    return Inputs(cfg, splits, backbones)
 
 
 def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
@@ -101,7 +119,7 @@ class Objective:
         try:
             with run_scope(lambda: attempt.open_run(self.tracker, self.inputs.run_params(trial_cfg)),
                            trial_outcome) as run:
-                result = train(trial_cfg, self.inputs.splits, self.inputs.backbone, tracker=run,
+                result = train(trial_cfg, *self.inputs.for_run(trial_cfg), tracker=run,
                                on_epoch=lambda epoch, m: attempt.report(epoch, m[objective]),
                                state_path=attempt.state, state_every_s=cfg.sweep.state_every_s)
                 value = self.record(trial, run, result)

@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from sklearn.metrics import classification_report, confusion_matrix
 
 from fine_tune import checkpoints
+from fine_tune.archs import SMALL
 from fine_tune.config import Config
 from fine_tune.data import Split, Splits, splits_for
 from fine_tune.metrics import accuracy, macro_f1
 from fine_tune.features import frozen_features
-from fine_tune.models import Net, build_model, count_params
+from fine_tune.models import Net, build_model, count_params, inference_batch
 from fine_tune.tracking import NullTracker, Tracker
-
-EVAL_BATCH = 2048
 
 
 @dataclass
@@ -58,9 +57,9 @@ def pick_device(name: str) -> torch.device:
 def evaluate(model: Net, split: Split, device: torch.device, start: int = 0) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and predicted labels over a split, in large batches (`start`: see `Net.forward`)."""
     model.eval()
-    total, preds = 0.0, []
-    for i in range(0, len(split), EVAL_BATCH):
-        x, y = split.x[i:i + EVAL_BATCH].to(device), split.y[i:i + EVAL_BATCH].to(device)
+    total, preds, batch = 0.0, [], inference_batch(model)
+    for i in range(0, len(split), batch):
+        x, y = split.x[i:i + batch].to(device), split.y[i:i + batch].to(device)
         logits = model(x, start).float()
         total += F.cross_entropy(logits, y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
@@ -76,7 +75,7 @@ def scores(prefix: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, flo
 def prepare_model(cfg: Config, num_classes: int, backbone: str | None = None) -> Net:
     """The model a config describes, its backbone loaded from `backbone` when given, its first layers frozen."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes, cfg.head_size)
+    model = build_model(cfg.model, num_classes, cfg.head_size, image_size=cfg.input_size())
     if backbone:
         checkpoints.load_backbone(model, backbone)
     return model.freeze(cfg.frozen_layers)
@@ -112,6 +111,8 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
     splits = splits or splits_for(cfg)
     device = pick_device(cfg.device)
     model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
+    if device.type == "cuda" and cfg.model not in SMALL:
+        model = model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
     tracker.log_params({"trainable_params": count_params(model)})
     start = 0  # where the forward pass begins: after the frozen layers when their outputs are cached
     if cfg.cache_features and cfg.frozen_layers > 0:
@@ -149,6 +150,8 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
             loss_sum = 0.0
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
+                if len(idx) == 1 < n:
+                    continue  # BatchNorm cannot train on a batch of one image; it is in the next epoch's batches
                 with autocast:
                     loss = F.cross_entropy(model(train_x[idx], start).float(), train_y[idx],
                                            label_smoothing=cfg.label_smoothing)

@@ -80,3 +80,26 @@ def runs_of(runs_dir, study: str):
 def study_in(runs_dir, study: str) -> optuna.Study:
     """The Optuna study `study` in the SQLite storage under `runs_dir`."""
     return optuna.load_study(study_name=study, storage=optuna_storage(f"sqlite:///{Path(runs_dir).resolve()}/optuna.db"))
+
+
+def write_image_folder(root, classes: dict[str, int], per_class: int, test_per_class: int = 0, flat: bool = False):
+    """Real Fashion-MNIST test images of `classes` ({folder name: class id}) written as PNG files in torchvision's
+    ImageFolder layout (`train/` and `test/`, or the class folders directly when `flat`); returns the root and the
+    pixels written, keyed by (part, class, position in that class's sorted files)."""
+    from PIL import Image
+
+    from fine_tune.data import load
+
+    _, _, images, labels, _ = load()
+    root = Path(root)
+    written = {}
+    for name, cid in classes.items():
+        rows = (labels == cid).nonzero().flatten()
+        for part, start, count in (("train", 0, per_class), ("test", per_class, test_per_class)):
+            folder = root / name if flat else root / part / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = images[rows[start + i]]
+                Image.fromarray(pixels.numpy(), mode="L").save(folder / f"{i:04d}.png")
+                written[(part, name, i)] = pixels.unsqueeze(0)
+    return root, written

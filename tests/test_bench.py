@@ -18,16 +18,17 @@ def test_quick_bench_writes_every_figure(tmp_path):
     figures = json.loads((tmp_path / "bench.json").read_text())
     for key in ("a_tutorial_s_per_epoch", "b_ours_b64", "c_frozen1_uncached", "c_frozen1_cached",
                 "c_frozen2_uncached", "c_frozen2_cached", "d_ours_b256", "e_tracking_typical_trial",
-                "e_tracking_full_trial", "f_workers", "g_pruning"):
+                "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision"):
         assert key in figures, key
     positive = [figures["a_tutorial_s_per_epoch"]["median"], figures["b_ours_b64"]["speedup_vs_a"],
                 figures["d_ours_b256"]["floor_s"], figures["f_workers"]["speedup"],
                 figures["f_workers"]["steady_speedup"], figures["e_tracking_typical_trial"]["mlflow_s"]["median"],
-                figures["e_tracking_typical_trial"]["inside_pct"]["median"]]
+                figures["e_tracking_typical_trial"]["inside_pct"]["median"],
+                figures["h_torchvision"]["probe_cached"]["images_per_s"], figures["h_torchvision"]["full"]["floor_s"]]
     assert all(math.isfinite(v) and v > 0 for v in positive), positive
     assert figures["g_pruning"]["epochs_with_pruner"]["median"] <= figures["g_pruning"]["epochs_without"]["median"]
     md = (tmp_path / "bench.md").read_text()
-    assert md.count("\n| (") == 13 and "tutorial loop" in md
+    assert md.count("\n| (") == 16 and "tutorial loop" in md and "resnet18 at 32 px" in md
 
 
 def test_steady_rate_counts_only_the_window_where_every_worker_runs_trials():

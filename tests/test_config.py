@@ -19,7 +19,7 @@ MALFORMED = [
     ("frozen_layers: 3\n", "frozen_layers=3 but simplenet has 2 backbone layers"),
     ("classes: []\n", "classes: the class list is empty"),
     ("classes: [1, 12]\n", "class ids [12] are out of range"),
-    ("model: resnet\n", "model: Input should be 'simplenet' or 'cnn' (got 'resnet')"),
+    ("model: resnet\n", "model: 'resnet' is not a model here; use simplenet, cnn, resnet18"),
     ("budget_per_class: 5900\n", "exceeds the 6000 training images per class"),
     ("search:\n  lr: {low: 0.1, high: 0.001}\n", "search.lr: low (0.1) is above high (0.001)"),
     ("search:\n  head_size: []\n", "search.head_size: the list of choices is empty"),

@@ -52,7 +52,7 @@ CASES = {
                                "search.frozen_layers.high=5 but simplenet has 2"),
     "empty class list": (yaml_case("classes: []\n"), "the class list is empty"),
     "class id out of range": (yaml_case("classes: [3, 10]\n"), "class ids [10] are out of range"),
-    "unknown model": (yaml_case("model: vit\n"), "model: Input should be 'simplenet' or 'cnn'"),
+    "unknown model": (yaml_case("model: vit\n"), "model: 'vit' is not a model here"),
     "unreachable storage": (env_case("OPTUNA_STORAGE", "postgresql://127.0.0.1:1/nowhere"),
                             "Optuna storage postgresql://127.0.0.1:1/nowhere is unusable"),
     "unreachable tracking server": (env_case("MLFLOW_TRACKING_URI", "http://127.0.0.1:1"),

@@ -21,7 +21,8 @@ def test_frozen_layers_do_not_change_after_a_step(arch):
     model = build_model(arch, 5, head_size=16, frozen_layers=2).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 5, (32,))  # pure unit test: no dataset involved
+    x = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)  # pure unit test: no dataset involved
+    y = torch.randint(0, 5, (32,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
     after = model.state_dict()
@@ -39,7 +40,7 @@ def test_frozen_layers_stay_in_eval_mode():
 @pytest.mark.parametrize("h", [0, 32])
 def test_head_shapes_and_sizes(h):
     model = build_model("simplenet", 3, head_size=h, frozen_layers=2)
-    assert model(torch.zeros(4, 1, 28, 28)).shape == (4, 3)
+    assert model(torch.zeros(4, 1, 28, 28, dtype=torch.uint8)).shape == (4, 3)
     expected = 64 * 3 + 3 if h == 0 else 64 * h + h + h * 3 + 3
     assert count_params(model) == expected
 

@@ -157,3 +157,24 @@ def test_a_searched_hyperparameter_is_sampled_logged_tabled_and_reported(sweep_c
     assert "label_smoothing" in top_table(study).splitlines()[0]
     board = leaderboard(load_study(cfg.study, cfg.runs_dir))[1].df
     assert "label_smoothing" in board.columns and len(board) == 2
+
+
+def test_the_model_is_searchable_and_the_report_groups_by_it(tmp_path):
+    """`model` is a hyperparameter like any other: trials sample it, each trains its own architecture, and the report
+    gives each model's best trial."""
+    from analysis.report import by_model
+    from analysis.stores import load_study
+
+    cfg = tiny_sweep(tmp_path / "runs", None, study="models", n_trials=4,
+                     search={"model": ["simplenet", "cnn"], "lr": {"low": 1e-3, "high": 1e-2, "log": True}})
+    study = optuna.create_study(study_name=cfg.study, storage=optuna_storage(optuna_url(cfg.runs_dir)),
+                                direction="maximize")
+    for model in ("simplenet", "cnn"):
+        study.enqueue_trial({"model": model, "lr": 3e-3})
+    study = run_sweep(cfg, progress=False, log=lambda s: None)
+    _, children = runs_by_role(cfg)
+    trainable = dict(zip(children["params.model"], children["params.trainable_params"]))
+    assert trainable == {"simplenet": str(109_386 - 64 * 10 - 10 + 64 * 5 + 5), "cnn": "93157"}
+    table = by_model(load_study(cfg.study, cfg.runs_dir))[0].df
+    assert sorted(table.model) == ["cnn", "simplenet"]
+    assert table["complete trials"].astype(int).sum() == 4

@@ -118,7 +118,7 @@ def test_cloned_state_is_untouched_by_later_training_steps():
 
     model = build_model("simplenet", 5, 16)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
-    x, y = torch.randn(8, 784), torch.randint(0, 5, (8,))
+    x, y = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 5, (8,))
 
     def step():
         optimizer.zero_grad()
