@@ -17,12 +17,13 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from fine_tune import checkpoints, figures
-from fine_tune.config import Choices, Config, ConfigError, Hyperparameters
+from fine_tune.config import Config, ConfigError, Hyperparameters
 from fine_tune.data import Splits, splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.interrupts import interruptible
 from fine_tune.pretrain import backbone_for
 from fine_tune.search import make_pruner, make_sampler, suggest
+from fine_tune.space import Choices
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
 from fine_tune.tracking import RunTracker, StudyTracker, run_scope, warm_up
 from fine_tune.train import Result, train
