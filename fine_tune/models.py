@@ -154,8 +154,9 @@ class Net(nn.Module):
         return self.head(self.through(x, start, len(self.backbone)))
 
     def through(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The output of backbone stages start..stop-1 (from uint8 images when start is 0)."""
-        if start == 0:
+        """The output of backbone stages start..stop-1: from uint8 images when start is 0 (a float input at start 0
+        has been through `prep` already, see `train.prepared`)."""
+        if start == 0 and x.dtype == torch.uint8:
             x = self.prep(x)
         for stage in self.backbone[start:stop]:
             x = stage(x)

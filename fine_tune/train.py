@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,8 @@ from fine_tune import checkpoints
 from fine_tune.archs import SMALL
 from fine_tune.config import Config
 from fine_tune.data import Split, Splits, splits_for
-from fine_tune.metrics import accuracy, macro_f1
 from fine_tune.features import frozen_features
+from fine_tune.metrics import accuracy, macro_f1
 from fine_tune.models import Net, build_model, count_params, inference_batch
 from fine_tune.tracking import NullTracker, Tracker
 
@@ -81,6 +81,22 @@ def prepare_model(cfg: Config, num_classes: int, backbone: str | None = None) ->
     return model.freeze(cfg.frozen_layers)
 
 
+PREPARED_MAX_BYTES = 2**30
+
+
+@torch.no_grad()
+def prepared(model: Net, splits: Splits, device: torch.device) -> Splits:
+    """The splits scaled and normalised once (`model.prep`) instead of in every batch of every epoch: a fifth of a
+    SimpleNet epoch went to it (make bench (b): 0.48 -> 0.62 s). Kept as uint8 when the floats would not fit in
+    memory comfortably (a large image set at 224 px)."""
+    size = sum(getattr(splits, n).x.numel() for n in ("train", "val", "test")) * 4 * model.prep.channels
+    if size > PREPARED_MAX_BYTES:
+        return splits
+    model.prep.to(device)
+    return replace(splits, **{n: Split(model.prep(getattr(splits, n).x.to(device)).cpu(), getattr(splits, n).y,
+                                       getattr(splits, n).index) for n in ("train", "val", "test")})
+
+
 def cloned(state):
     """A copy of a (nested) state dict that later training steps cannot change: its tensors cloned, its dicts and
     lists new. The same as copy.deepcopy for state dicts at a fifth of the cost (0.14 vs 0.69 ms per epoch for a
@@ -118,6 +134,8 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
     if cfg.cache_features and cfg.frozen_layers > 0:
         splits = frozen_features(model, cfg.frozen_layers, splits, device, cfg.run_dir() / "feature_cache")
         start = cfg.frozen_layers
+    else:
+        splits = prepared(model, splits, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
                 else contextlib.nullcontext())
     params = [p for p in model.parameters() if p.requires_grad]
