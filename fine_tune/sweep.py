@@ -27,6 +27,7 @@ from fine_tune.space import Choices
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
 from fine_tune.tracking import RunTracker, StudyTracker, run_scope, warm_up
 from fine_tune.train import Result, train
+from fine_tune.train import warm_up as train_warm_up
 from fine_tune.workers import Attempt, ClaimLock, CloseStaleTrial, finished, run_processes, work
 
 
@@ -227,6 +228,7 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warm_up()
     figures.warm_up()
+    train_warm_up()
     bar = tqdm(total=target, initial=finished(study), desc=cfg.study, unit="trial", disable=not progress,
                dynamic_ncols=True)
 

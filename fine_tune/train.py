@@ -43,6 +43,13 @@ class Result:
     model: Net | None = None  # holds the best epoch's weights
 
 
+def warm_up() -> None:
+    """Import now what a process's first run would import inside its timing: building the first Adam optimizer
+    imports torch._dynamo (~1-2 s). A worker that reads its data itself gets it with torchvision; one handed its
+    splits does not, and paid it inside its first trial (make bench (f) 1.41 -> 1.12x)."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
