@@ -26,7 +26,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm curve compare bench test clean distclean
+.PHONY: help venv data pretrain train sweep worker server ui dashboard report confirm curve rerun compare bench test clean distclean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,8 +44,12 @@ data: venv ## locate (or install) Fashion-MNIST and extract it under data/
 pretrain: data ## pretrain the backbone of EXPERIMENT on its source task (cached by config hash)
 	$(PY) -m fine_tune pretrain --config $(EXPERIMENT)
 
-train: data ## fine-tune once per EXPERIMENT and print the final table (ARGS="--set lr=0.01" to override)
+train: data ## fine-tune once per EXPERIMENT, tracked in MLflow, and print the final table (ARGS="--set lr=0.01", ARGS=--no-track)
 	$(PY) -m fine_tune train --config $(EXPERIMENT) $(ARGS)
+
+rerun: data ## reproduce a tracked run and compare its numbers: make rerun RUN=<mlflow run id>
+	@test -n "$(RUN)" || { echo "error: give the run to reproduce: make rerun RUN=<mlflow run id>"; exit 2; }
+	$(PY) -m fine_tune rerun $(RUN) --config $(EXPERIMENT)
 
 sweep: data ## run or resume the Optuna study of EXPERIMENT, every trial tracked in MLflow (N_TRIALS=n, WORKERS=n)
 	$(PY) -m fine_tune sweep --config $(EXPERIMENT) $(if $(WORKERS),--workers $(WORKERS)) $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(ARGS)

@@ -258,9 +258,12 @@ def noise(data: StudyData, resamples: int) -> list:
     groups = {n: seed_group(data, n) for n in data.complete.number if n in rerun}  # best trial first
     if groups:
         table = pd.DataFrame([group_row(n, g, resamples) for n, g in groups.items()])
-        blocks.append(Table(table, f"Each trial re-trained with other seeds (same data, same test set). 95% CI: "
-                                   f"percentile bootstrap over test images ({resamples} resamples, seed "
-                                   f"{stats.SEED}) of the mean over seeds."))
+        varied = ("initialisation, batch order and the backbone's pretraining (`confirm --vary backbone`)"
+                  if (data.reruns.vary == "backbone").any() else "initialisation and batch order; the backbone is "
+                  "the trial's own (`confirm --vary backbone` would pretrain it again per seed)")
+        blocks.append(Table(table, f"Each trial re-trained with other seeds (same data, same test set); the seeds vary "
+                                   f"{varied}. 95% CI: percentile bootstrap over test images ({resamples} resamples, "
+                                   f"seed {stats.SEED}) of the mean over seeds."))
     else:
         blocks.append(Text("No re-runs yet: every number above comes from a single training run, so a gap of a point "
                            "or two between trials may be seed noise. `make confirm` re-trains the top trials with "

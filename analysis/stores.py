@@ -100,7 +100,7 @@ def load_study(name: str, runs_dir: str | Path = "runs", storage: str | None = N
     runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
     runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *METRICS, *(f"params.{p}" for p in PARAMS), ROLE,
                                                     "tags.optuna.trial_number", "tags.fine_tune.rerun_of",
-                                                    "tags.fine_tune.seed"])))
+                                                    "tags.fine_tune.seed", "tags.fine_tune.vary"])))
     parents = runs[runs[ROLE] == "study"]
     if parents.empty:
         raise StoreError(f"study {name!r}: the MLflow experiment in {uri} has no parent run "
@@ -149,8 +149,9 @@ def _trials(study: optuna.Study, runs: pd.DataFrame, columns: list[str]) -> pd.D
 
 def _reruns(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     reruns = runs.assign(rerun_of=pd.to_numeric(runs["tags.fine_tune.rerun_of"], errors="coerce"),
-                         seed=pd.to_numeric(runs["tags.fine_tune.seed"], errors="coerce").fillna(runs.seed))
-    return reruns[["run_id", "rerun_of", "status", "duration_s", *columns]].reset_index(drop=True)
+                         seed=pd.to_numeric(runs["tags.fine_tune.seed"], errors="coerce").fillna(runs.seed),
+                         vary=runs["tags.fine_tune.vary"].fillna("seed"))
+    return reruns[["run_id", "rerun_of", "status", "duration_s", "vary", *columns]].reset_index(drop=True)
 
 
 def metric_history(client, run_id: str, key: str) -> pd.Series:

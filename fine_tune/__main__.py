@@ -1,4 +1,4 @@
-"""python -m fine_tune {data,pretrain,train,sweep,confirm,curve,keys,models} [--config experiments/X.yaml] [--set key=value ...]
+"""python -m fine_tune {data,pretrain,train,rerun,sweep,confirm,curve,keys,models} [--config experiments/X.yaml] [--set key=value ...]
 
 Bad input (config, data, checkpoint) ends with one line on stderr and exit code 2, before anything is written.
 """
@@ -69,23 +69,16 @@ def print_table(result) -> None:
 
 def cmd_train(args) -> int:
     from fine_tune import checkpoints
-    from fine_tune.data import splits_for
-    from fine_tune.pretrain import backbone_for
-    from fine_tune.train import pick_device, train
+    from fine_tune.runs import train_once
 
     cfg = _config(args)
-    backbone = backbone_for(cfg)  # first: a missing weights file or a bad checkpoint fails before the data is read
-    splits = splits_for(cfg)
-    print(f"{cfg.study}: {cfg.model} on classes {', '.join(splits.class_names)} | train {len(splits.train)} / val {len(splits.val)} / "
-          f"test {len(splits.test)} images | backbone {backbone or 'none (from scratch)'} | "
-          f"frozen {cfg.frozen_layers}, head {cfg.head_size}, lr {cfg.lr:g} | {pick_device(cfg.device)}")
 
     def progress(epoch: int, m: dict) -> None:
         print(f"epoch {epoch:3d}/{cfg.epochs}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
               f"val/accuracy {m['val/accuracy']:.4f}  val/f1_macro {m['val/f1_macro']:.4f}  "
               f"({m['time/epoch_s']:.1f}s)", flush=True)
 
-    result = train(cfg, splits, backbone, on_epoch=progress)
+    result, run_id = train_once(cfg, not args.no_track, on_epoch=progress)
     out = {"status": result.status, "message": result.message, **result.metrics,
            "per_class_f1": result.per_class_f1, "confusion": result.confusion}
     if result.status == "finished":
@@ -94,9 +87,20 @@ def cmd_train(args) -> int:
         print(f"\nbest-epoch checkpoint: {ckpt}")
     else:
         print(f"\nrun {result.status}: {result.message}", file=sys.stderr)
+    if run_id:
+        print(f"tracked: MLflow run {run_id} (experiment {cfg.study}); `make rerun RUN={run_id}` reproduces it")
     if args.json:
         checkpoints.save_json(out, args.json)
     return 0 if result.status == "finished" else 1
+
+
+def cmd_rerun(args) -> int:
+    from fine_tune.runs import rerun
+
+    runs_dir = _config(args).runs_dir if args.config else "runs"
+    same, text = rerun(args.run_id, runs_dir)
+    print(text)
+    return 0 if same else 1
 
 
 def cmd_sweep(args) -> int:
@@ -116,7 +120,7 @@ def cmd_confirm(args) -> int:
     from fine_tune.confirm import confirm
 
     cfg = _config(args)
-    added = confirm(cfg, args.top_k, args.seeds)
+    added = confirm(cfg, args.top_k, args.seeds, vary=args.vary)
     print(f"{added} re-runs added to {cfg.study}; `make report` now shows mean ± std, 95% CIs and McNemar's test")
     return 0
 
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, fn, help_ in (("data", cmd_data, "locate or install Fashion-MNIST"),
                             ("pretrain", cmd_pretrain, "pretrain the backbone on the source task (cached)"),
-                            ("train", cmd_train, "fine-tune once and print the final table"),
+                            ("train", cmd_train, "fine-tune once and print the final table (tracked in MLflow)"),
+                            ("rerun", cmd_rerun, "reproduce a run from its logged config and compare the numbers"),
                             ("sweep", cmd_sweep, "run or resume the Optuna study of the experiment"),
                             ("confirm", cmd_confirm, "re-train the study's top trials with new seeds"),
                             ("curve", cmd_curve, "label-efficiency curve: fine-tuned vs from scratch vs linear probe"),
@@ -153,9 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         if name == "train":
             p.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
+            p.add_argument("--no-track", action="store_true", help="do not log the run to MLflow (a quick local try)")
+        if name == "rerun":
+            p.add_argument("run_id", help="the MLflow run id to reproduce (a trial, re-run, train or curve run)")
         if name == "confirm":
             p.add_argument("--top-k", type=int, default=3, help="how many of the best trials to re-train")
             p.add_argument("--seeds", type=int, default=3, help="new seeds per trial")
+            p.add_argument("--vary", choices=("seed", "backbone"), default="seed",
+                           help="what each new seed changes: the fine-tuning only (seed), or the backbone's "
+                                "pretraining too (backbone: pretrained again per seed)")
         if name == "sweep":
             p.add_argument("--n-trials", type=int, help="finished trials to add in this run (default: sweep.n_trials)")
             p.add_argument("--workers", type=int, help="worker processes sharing the study (default: sweep.workers)")
@@ -174,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                   "confirm": ": the running re-run was closed as KILLED; run the same command again (finished re-runs "
                              "are skipped)",
                   "curve": ": the running run was closed as KILLED; run the same command again (finished runs are "
-                           "skipped)"}.get(args.verb, "")
+                           "skipped)",
+                  "train": ": the run was closed as KILLED", "rerun": ": the run was closed as KILLED"}.get(args.verb, "")
         print(f"{'terminated' if terminated else 'interrupted'}{closed}", file=sys.stderr)
         return 143 if terminated else 130
 

@@ -35,6 +35,8 @@ class PretrainConfig(Strict):
     epochs: int = Field(5, gt=0, description="pretraining epochs")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate for pretraining")
     batch_size: int = Field(128, gt=0, description="pretraining batch size")
+    seed: int = Field(0, description="seed of the pretraining run: it alone decides the backbone (the fine-tuning "
+                                     "`seed` never retrains it)")
     holdout_per_class: int = Field(0, ge=0, description="training images per class (after validation) kept out of "
                                                         "pretraining: a target of the same classes draws its labels "
                                                         "from them, so it never fine-tunes on a pretraining image")
@@ -158,7 +160,7 @@ class Config(Hyperparameters):
     val_per_class: int = Field(600, gt=0, description="validation images per class, carved from training images")
     test_per_class: int | None = Field(None, gt=0, description="cap on test images per class (null = all 1000)")
     data_seed: int = Field(0, description="seed for the budget and validation draw (fixed across trials)")
-    seed: int = Field(0, description="seed for initialisation and batch order")
+    seed: int = Field(0, description="seed of the fine-tuning: initialisation of the head and batch order")
     pretrain: PretrainConfig | None = Field(None, description="source task to pretrain the backbone on (null = none)")
     pretrained: str | None = Field(None, description="path of your own backbone checkpoint (overrides pretrain "
                                                      "and weights)")
@@ -226,8 +228,8 @@ class Config(Hyperparameters):
 
     def pretrain_key(self) -> str:
         """Hash of everything that shapes the pretrained backbone: the cache key of `make pretrain`."""
-        fields = {"model": self.model, "data_seed": self.data_seed, "seed": self.seed,
-                  "val_per_class": self.val_per_class, "pretrain": self.pretrain.model_dump() if self.pretrain else None}
+        fields = {"model": self.model, "data_seed": self.data_seed, "val_per_class": self.val_per_class,
+                  "pretrain": self.pretrain.model_dump() if self.pretrain else None}
         if self.input_size() != archs.native_size(self.model) or self.data.kind != "fashion_mnist" or self.weights:
             fields |= {"image_size": self.input_size(), "data": self.data.model_dump(exclude={"shift"}),
                        "weights": self.weights}

@@ -17,14 +17,21 @@ from optuna.trial import TrialState
 from fine_tune.config import Config, ConfigError
 from fine_tune.interrupts import interruptible
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
-from fine_tune.sweep import Inputs, resolve_inputs
+from fine_tune.pretrain import backbone_for
+from fine_tune.sweep import Inputs, resolve_inputs, single_inputs
 from fine_tune.tracking import PARENT_TAG, StudyTracker, close_run, run_scope
 from fine_tune.train import train
 from fine_tune.workers import worker_id
 
 
-def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], None] = print) -> int:
-    """Re-train the `top_k` best complete trials with `seeds` new seeds each; return how many runs were added."""
+def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], None] = print,
+            vary: str = "seed") -> int:
+    """Re-train the `top_k` best complete trials with `seeds` new seeds each; return how many runs were added.
+    `vary="backbone"` also pretrains the backbone again with each seed (`pretrain.seed`), so the spread includes the
+    pretraining's noise."""
+    if vary == "backbone" and cfg.pretrain is None:
+        raise ConfigError("confirm --vary backbone pretrains the backbone again per seed; the experiment has no "
+                          "`pretrain:` section")
     uri, url = tracking_uri(cfg.runs_dir), optuna_url(cfg.runs_dir, cfg.sweep.storage)
     check_reachable(uri)
     try:
@@ -38,8 +45,9 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     added, status = 0, "KILLED"
     # Ctrl-C / SIGTERM: never inside a store write; the re-run in progress and the parent run are closed
     with interruptible():
-        tracker = StudyTracker(cfg.study, uri)  # sets the parent run RUNNING: closed in `finally`
+        tracker = StudyTracker(cfg.study, uri, verb="confirm")  # sets the parent run RUNNING: closed in `finally`
         try:
+            tracker.describe()
             reruns = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
                                                 max_results=10000)
             close_orphans(tracker, reruns, log)
@@ -49,7 +57,7 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
                 # new seeds, never the trial's own (which would only replay it)
                 for seed in range(cfg.seed + 1, cfg.seed + 1 + seeds):
                     if (str(t.number), str(seed)) not in done:
-                        result = rerun(inputs, tracker, t, seed)
+                        result = rerun(inputs, tracker, t, seed, vary, log)
                         if result is not None:
                             added += 1
                             log(f"trial {t.number} seed {seed}: val/f1_macro {result.metrics['val/f1_macro']:.4f}, "
@@ -81,15 +89,21 @@ def close_orphans(tracker: StudyTracker, reruns: list, log: Callable[[str], None
         log(f"closed re-run {r.info.run_name}: its `make confirm` (pid {pid}) had ended without closing it")
 
 
-def rerun(inputs: Inputs, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, seed: int):
+def rerun(inputs: Inputs, tracker: StudyTracker, trial: optuna.trial.FrozenTrial, seed: int, vary: str = "seed",
+          log: Callable[[str], None] = print):
     """One re-run as a child run of the study; its result, or None if it diverged. Whatever stops it (an error,
     Ctrl-C), its run is closed, never left RUNNING."""
     cfg = inputs.cfg
-    run_cfg = Config.model_validate({**cfg.model_dump(), **trial.params, "seed": seed})
+    fields = {**cfg.model_dump(), **trial.params, "seed": seed}
+    if vary == "backbone":
+        fields["pretrain"] = {**fields["pretrain"], "seed": seed}
+    run_cfg = Config.model_validate(fields)
+    if vary == "backbone":
+        splits, _ = inputs.for_run(run_cfg)
+        inputs = single_inputs(run_cfg, splits, backbone_for(run_cfg, log))
     tags = {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number), "fine_tune.seed": str(seed),
-            "fine_tune.worker": worker_id()}
-    with run_scope(lambda: tracker.start_run(f"{cfg.study}/t{trial.number:03d}/s{seed}", tags,
-                                             inputs.run_params(run_cfg))) as run:
+            "fine_tune.worker": worker_id(), "fine_tune.vary": vary}
+    with run_scope(lambda: inputs.open_run(tracker, run_cfg, f"{cfg.study}/t{trial.number:03d}/s{seed}", tags)) as run:
         result = train(run_cfg, *inputs.for_run(run_cfg), tracker=run)
         if result.status != "finished":
             run.end("FAILED", "FAIL", result.message)

@@ -19,7 +19,7 @@ from fine_tune.data import splits_for
 from fine_tune.interrupts import interruptible
 from fine_tune.pretrain import backbone_for
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
-from fine_tune.sweep import Inputs
+from fine_tune.sweep import single_inputs
 from fine_tune.tracking import PARENT_TAG, StudyTracker, run_scope
 from fine_tune.train import train
 
@@ -76,8 +76,9 @@ def run_curve(cfg: Config, log: Callable[[str], None] = print) -> int:
     sha = checkpoints.file_sha256(backbone)
     added, status = 0, "KILLED"
     with interruptible():
-        tracker = StudyTracker(f"{cfg.study}-curve", uri)
+        tracker = StudyTracker(f"{cfg.study}-curve", uri, verb="curve")
         try:
+            tracker.describe()
             done = {(r.data.tags.get("fine_tune.arm"), r.data.tags.get("fine_tune.budget"),
                      r.data.tags.get("fine_tune.seed"))
                     for r in tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'curve'",
@@ -92,12 +93,11 @@ def run_curve(cfg: Config, log: Callable[[str], None] = print) -> int:
                     for arm in todo:
                         run_cfg = arm_config(cfg, arm, budget, seed, best, len(splits.train))
                         start = None if arm == "from scratch" else backbone
-                        inputs = Inputs(run_cfg, {run_cfg.input_size(): splits},
-                                        {(run_cfg.model, run_cfg.input_size()): (start, start and sha)})
+                        inputs = single_inputs(run_cfg, splits, start, start and sha)
                         tags = {PARENT_TAG: "curve", "fine_tune.arm": arm, "fine_tune.budget": str(budget),
                                 "fine_tune.seed": str(seed)}
-                        with run_scope(lambda: tracker.start_run(f"b{budget}/{arm}/s{seed}", tags,
-                                                                 inputs.run_params(run_cfg))) as run:
+                        with run_scope(lambda: inputs.open_run(tracker, run_cfg, f"b{budget}/{arm}/s{seed}",
+                                                               tags)) as run:
                             result = train(run_cfg, splits, start, tracker=run)
                             if result.status != "finished":
                                 run.end("FAILED", "FAIL", result.message)

@@ -18,7 +18,7 @@ import hashlib
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class Splits:
     test: Split
     class_names: list[str]
     fingerprint: str  # identifies exactly which images (and pixels) are in train and val
+    digests: dict[str, str] = field(default_factory=dict)  # per split: its images' indices and pixels, hashed
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,9 @@ def make_splits(source: Source, classes: list[int | str] | None, val_per_class: 
     test = own(source.test, test_per_class) if source.test is not None else take(source.train, test_idx)
     fingerprint = hashlib.sha256(train.index.numpy().tobytes() + b"|" + val.index.numpy().tobytes()
                                  + train.x.numpy().tobytes()).hexdigest()[:16]
-    return Splits(train, val, test, names, fingerprint)
+    digests = {name: hashlib.sha256(split.index.numpy().tobytes() + b"|" + split.x.numpy().tobytes()).hexdigest()[:16]
+               for name, split in (("train", train), ("val", val), ("test", test))}
+    return Splits(train, val, test, names, fingerprint, digests)
 
 
 def source_for(cfg) -> Source:

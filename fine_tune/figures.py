@@ -1,4 +1,4 @@
-"""Pictures a run logs beside its numbers: the confusion matrix of a champion trial."""
+"""Pictures a run logs beside its numbers: the confusion matrix of the study's champion."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +18,3 @@ def confusion_png(matrix: list[list[int]], names: list[str], path: Path) -> Path
     fig.savefig(path, dpi=80)
     return path
 
-
-def warm_up() -> None:
-    """Import what drawing needs (~0.5 s) before the first champion's trial rather than inside it."""
-    import matplotlib.figure  # noqa: F401
-    from sklearn.metrics import ConfusionMatrixDisplay  # noqa: F401

@@ -25,7 +25,7 @@ from fine_tune.train import train
 def source_config(cfg: Config) -> Config:
     """The config of the pretraining run itself: all images of the source classes, whole model trained."""
     p = cfg.pretrain
-    return cfg.model_copy(update=dict(classes=p.classes, budget_per_class=None, frozen_layers=0, head_size=0,
+    return cfg.model_copy(update=dict(classes=p.classes, budget_per_class=None, frozen_layers=0, head_size=0, seed=p.seed,
                                       lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, weight_decay=0.0,
                                       patience=None, label_smoothing=0.0, pretrain=None, pretrained=None,
                                       weights=None, search=None,

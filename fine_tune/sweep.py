@@ -22,10 +22,11 @@ from fine_tune.data import Splits, splits_for
 from fine_tune.data import prepare as prepare_data
 from fine_tune.interrupts import interruptible
 from fine_tune.pretrain import backbone_for
+from fine_tune.provenance import config_yaml, datasets
 from fine_tune.search import make_pruner, make_sampler, suggest
 from fine_tune.space import Choices
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
-from fine_tune.tracking import RunTracker, StudyTracker, run_scope, warm_up
+from fine_tune.tracking import RunTracker, StudyTracker, run_scope
 from fine_tune.train import Result, train
 from fine_tune.train import warm_up as train_warm_up
 from fine_tune.workers import Attempt, ClaimLock, CloseStaleTrial, finished, run_processes, work
@@ -48,6 +49,14 @@ class Inputs:
         """The splits and backbone checkpoint a run of `cfg` (a trial's or a re-run's config) trains on."""
         return self.splits[cfg.input_size()], self.backbones[cfg.model, cfg.input_size()][0]
 
+    def record(self, cfg: Config) -> tuple[str, list]:
+        """What a run of `cfg` is made of, for `RunTracker.record`: its resolved config and its datasets."""
+        return config_yaml(cfg), datasets(cfg, self.splits[cfg.input_size()])
+
+    def open_run(self, tracker: StudyTracker, cfg: Config, name: str, tags: dict[str, str]) -> RunTracker:
+        """A child run of `cfg` with its params, config.yaml and dataset inputs."""
+        return tracker.start_run(name, tags, self.run_params(cfg), self.record(cfg))
+
     def run_params(self, cfg: Config) -> dict[str, Any]:
         """The params of a run of `cfg`: its hyperparameters, then the fixed context every run of the study shares."""
         splits = self.splits[cfg.input_size()]
@@ -59,6 +68,13 @@ class Inputs:
                 "test_images": len(splits.test), "seed": cfg.seed, "data_seed": cfg.data_seed,
                 "data_fingerprint": splits.fingerprint, "pretrained": backbone or "none",
                 "pretrained_sha256": (sha or "none")[:16], "objective": cfg.sweep.objective}
+
+
+def single_inputs(cfg: Config, splits: Splits, backbone: str | None, sha: str | None = None) -> Inputs:
+    """The inputs of one run: its splits and backbone."""
+    if backbone and sha is None:
+        sha = checkpoints.file_sha256(backbone)
+    return Inputs(cfg, {cfg.input_size(): splits}, {(cfg.model, cfg.input_size()): (backbone, sha)})
 
 
 def resolve_inputs(cfg: Config, log: Callable[[str], None] = print) -> Inputs:
@@ -119,8 +135,8 @@ class Objective:
         trial_cfg = Config.model_validate({**cfg.model_dump(), **suggest(trial, cfg.search)})
         attempt = Attempt(trial, self.state_dir)
         try:
-            with run_scope(lambda: attempt.open_run(self.tracker, self.inputs.run_params(trial_cfg)),
-                           trial_outcome) as run:
+            with run_scope(lambda: attempt.open_run(self.tracker, self.inputs.run_params(trial_cfg),
+                                                    self.inputs.record(trial_cfg)), trial_outcome) as run:
                 result = train(trial_cfg, *self.inputs.for_run(trial_cfg), tracker=run,
                                on_epoch=lambda epoch, m: attempt.report(epoch, m[objective]),
                                state_path=attempt.state, state_every_s=cfg.sweep.state_every_s)
@@ -135,7 +151,7 @@ class Objective:
         return value
 
     def record(self, trial: optuna.Trial, run: RunTracker, result: Result) -> float:
-        """A trial's result in both stores; a new best is registered as the study's champion."""
+        """A trial's result in both stores (the champion is registered when the sweep ends: `register_champion`)."""
         if result.status != "finished":
             trial.set_user_attr("fail_reason", result.message)
             raise TrialDiverged(result.message)
@@ -144,24 +160,41 @@ class Objective:
         for k in ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro", "best_epoch", "epochs_run"):
             trial.set_user_attr(k, result.metrics[k])
         run.log_result(result)
-        if self.tracker.promote(run, result.model, value, objective, trial.number):
-            trial.set_user_attr("champion", True)
-            log_confusion_png(run, result)
         return value
 
 
-def log_confusion_png(run: RunTracker, result: Result) -> None:
-    """The champion's confusion matrix as a picture (~50-100 ms: more than all of a short trial's other MLflow
-    writes, so champions only; every run keeps the numbers in evaluation/confusion_matrix.json)."""
-    import logging
+def register_champion(study: optuna.Study, inputs: Inputs, tracker: StudyTracker, log: Callable[[str], None]) -> None:
+    """When a sweep ends: register the study's best complete trial as the champion if it beats the registered one,
+    with a signature, an input example and its confusion matrix as a picture (drawn for the champion only: every
+    run keeps the numbers in evaluation/confusion_matrix.json)."""
+    import json
     import tempfile
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run.log_file(figures.confusion_png(result.confusion, result.class_names,
-                                               Path(tmp) / "confusion_matrix.png"), "evaluation")
-    except Exception as e:  # noqa: BLE001 - a picture is not worth failing a champion trial for
-        logging.getLogger(__name__).warning("confusion matrix picture not logged for run %s: %s", run.run_id, e)
+    from fine_tune import registry
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return
+    best = best_of(complete)
+    run_id = best.user_attrs["mlflow_run_id"]
+    splits, _ = inputs.for_run(Config.model_validate({**inputs.cfg.model_dump(), **best.params}))
+    version = registry.register_best(tracker.client, inputs.cfg.study, run_id, best.value, inputs.cfg.sweep.objective,
+                                     best.number, splits.val.x[:2])
+    if version is None:
+        current = registry.champion(tracker.client, inputs.cfg.study)
+        log(f"champion unchanged: version {current.version} (trial {current.tags.get('optuna.trial_number')}) is at "
+            f"least as good as trial {best.number}")
+        return
+    study.set_user_attr("champion_trial", best.number)
+    run = RunTracker(tracker.client, run_id)
+    run.set_tags({"fine_tune.champion": f"version {version}"})
+    with tempfile.TemporaryDirectory() as tmp:
+        matrix = json.loads(Path(run._artifacts().download_artifacts("evaluation/confusion_matrix.json", tmp))
+                            .read_text())
+        run.log_file(figures.confusion_png(matrix["matrix"], matrix["class_names"], Path(tmp) / "confusion_matrix.png"),
+                     "evaluation")
+    log(f"champion: trial {best.number} ({inputs.cfg.sweep.objective} {best.value:.4f}) registered as "
+        f"{inputs.cfg.study} version {version}, alias @champion")
 
 
 # --- the sweep
@@ -226,8 +259,6 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
     cfg = inputs.cfg
     # Optuna would log a traceback per failed trial; we say it in one line below and keep the reason in MLflow.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warm_up()
-    figures.warm_up()
     train_warm_up()
     bar = tqdm(total=target, initial=finished(study), desc=cfg.study, unit="trial", disable=not progress,
                dynamic_ncols=True)
@@ -286,6 +317,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     inputs = resolve_inputs(cfg, log)
     study = open_study(cfg)
     tracker = StudyTracker(cfg.study, uri)  # the parent run exists before any worker starts
+    tracker.describe()
     n = n_trials or cfg.sweep.n_trials or 10**9
     target = finished(study) + n
     max_trials = 2 * n + 10  # bounds a study whose trials keep failing
@@ -306,6 +338,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
                                   progress=lambda n: (setattr(bar, "n", n), bar.refresh()))
                 finally:
                     bar.close()
+            register_champion(study, inputs, tracker, log)
             status = "FINISHED"
     finally:
         tracker.close(status)

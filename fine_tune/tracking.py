@@ -3,16 +3,13 @@
 `NullTracker` does nothing, so the training loop never asks `if tracking:`. `StudyTracker` keeps one MLflow tree per
 Optuna study: one parent run (found again by tag on resume) and one child run per trial, created with an explicit
 parent id so workers in other processes attach to the same tree. `run_scope` is the one lifecycle of a child run:
-open, feed, and close with the status that says how it ended, never left RUNNING. The registry holds each study's
-champion model.
+open, feed, and close with the status that says how it ended, never left RUNNING. The registry is `registry.py`.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +19,6 @@ from fine_tune.interrupts import shielded, store_write
 from fine_tune.stores import artifact_location, mlflow_client
 
 PARENT_TAG = "fine_tune.role"
-CHAMPION = "champion"
 
 
 class Tracker(Protocol):
@@ -149,8 +145,31 @@ class RunTracker:
         return get_artifact_repository(self.artifact_uri, tracking_uri=self.client.tracking_uri)
 
     @store_write
-    def log_file(self, path: Path, folder: str) -> None:
+    def log_file(self, path: Path, folder: str | None = None) -> None:
         self._artifacts().log_artifact(str(path), folder)
+
+    @store_write
+    def log_texts(self, files: dict[str, str]) -> None:
+        """Small text artifacts ({relative path: content}) in one call."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in files.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_text(text)
+            self._artifacts().log_artifacts(tmp)
+
+    @store_write
+    def record(self, config_yaml: str, datasets: list[tuple[str, str, str, str]]) -> None:
+        """What the run is made of: its resolved config as `config.yaml`, and its train / validation / test images as
+        MLflow dataset inputs (name, digest, context), which the UI's Dataset column shows."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)._to_mlflow_entity(),
+                         tags=[InputTag("mlflow.data.context", context)])
+            for name, digest, context, source in datasets])
+        self.log_texts({"config.yaml": config_yaml})
 
     @store_write
     def end(self, status: str, state: str, reason: str | None = None) -> None:
@@ -188,37 +207,60 @@ def run_scope(open_run: Callable[[], RunTracker],
         raise
 
 
+def experiment_id(client, name: str) -> str:
+    """The experiment `name`, created (with its artifacts beside a local database) if it does not exist yet."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+    except MlflowException:  # another worker created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def open_run(client, experiment: str, name: str, tags: dict[str, str], params: dict[str, Any], verb: str,
+             parent_run_id: str | None = None, record: tuple | None = None) -> RunTracker:
+    """A new run with its provenance tags (code, environment), params and `record` (see RunTracker.record); closed
+    FAILED (and the error raised) if the stores refuse any of it, so no caller is handed a run it would have to
+    close."""
+    from fine_tune.provenance import source_tags
+
+    parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    run = client.create_run(experiment, run_name=name, tags={**source_tags(verb), **parent, **tags})
+    created = RunTracker(client, run.info.run_id, run.info.artifact_uri)
+    try:
+        created.write_params(params)
+        if record is not None:
+            created.record(*record)
+    except Exception as e:
+        created.end("FAILED", "FAIL", f"logging its params, config or inputs failed: {e!r}")
+        raise
+    return created
+
+
+def log_provenance(run: RunTracker, tags: dict) -> None:
+    """The environment (and the diff of a dirty tree) as artifacts of `run`, unless `tags` (the run's) say it holds
+    this very environment and diff already: a study logs them once, its trials refer to them by hash."""
+    import json as _json
+
+    from fine_tune.provenance import code_state, environment, source_tags
+
+    now = source_tags("")
+    files = {}
+    if tags.get("fine_tune.env_sha") != now["fine_tune.env_sha"] or tags.get("fine_tune.logged_env") != "true":
+        files["provenance/environment.json"] = _json.dumps(environment(), indent=2)
+    if code_state().dirty and tags.get("fine_tune.logged_diff") != now["fine_tune.git.diff_sha"]:
+        files["provenance/diff.patch"] = code_state().diff
+    if files:
+        run.log_texts(files)
+        run.set_tags({"fine_tune.logged_env": "true", "fine_tune.logged_diff": now["fine_tune.git.diff_sha"]})
+
+
 def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> None:
     """Close a run from outside the process that ran it (a worker that died)."""
     RunTracker(mlflow_client(uri), run_id).end(status, state, reason)
-
-
-@contextlib.contextmanager
-def _fluent_uri(uri: str):
-    """MLflow's fluent API (log_model, register_model) at `uri`, leaving the process's setting as it was:
-    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, which `stores.tracking_uri` reads as the user's
-    choice."""
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-
-
-def warm_up() -> None:
-    """Do now what the first champion of a worker would otherwise do inside its trial: import mlflow.pytorch, and
-    let MLflow map the installed packages to modules, which it does once per process when it checks a logged
-    model's requirements (~0.5-0.8 s in this 5 GB venv)."""
-    import mlflow.pytorch  # noqa: F401
-
-    try:  # a private helper: if a later MLflow moves it, the first champion just pays the cost again
-        from mlflow.utils.requirements_utils import _init_modules_to_packages_map
-    except ImportError:
-        return
-    _init_modules_to_packages_map()
 
 
 class StudyTracker:
@@ -226,22 +268,22 @@ class StudyTracker:
 
     `uri` is resolved (and checked reachable) by the caller, once per sweep."""
 
-    def __init__(self, study_name: str, uri: str):
+    def __init__(self, study_name: str, uri: str, verb: str = "sweep"):
         # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
         logging.getLogger("mlflow").setLevel(logging.ERROR)
-        self.study_name, self.uri = study_name, uri
+        self.study_name, self.uri, self.verb = study_name, uri, verb
         self.client = mlflow_client(uri)
-        exp = self.client.get_experiment_by_name(study_name)
-        if exp is None:
-            from mlflow.exceptions import MlflowException
-
-            try:
-                self.experiment_id = self.client.create_experiment(study_name, artifact_location=artifact_location(uri))
-            except MlflowException:  # another worker created it first
-                self.experiment_id = self.client.get_experiment_by_name(study_name).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        self.experiment_id = experiment_id(self.client, study_name)
         self.parent = RunTracker(self.client, self._parent_run_id())
+
+    def describe(self) -> None:
+        """The parent run's provenance: the source tags of this invocation, the environment and a dirty tree's diff
+        as artifacts (once per study and change; the children refer to them by hash). The launcher calls it, once."""
+        from fine_tune.provenance import source_tags
+
+        tags = self.client.get_run(self.parent.run_id).data.tags
+        self.parent.set_tags(source_tags(self.verb))
+        log_provenance(self.parent, tags)
 
     def _parent_run_id(self) -> str:
         """The study's one parent run: found again by tag on resume, created only the first time.
@@ -266,22 +308,15 @@ class StudyTracker:
         return run_id
 
     @store_write
-    def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> RunTracker:
+    def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any], record: tuple | None = None
+                  ) -> RunTracker:
         """A child run of the study's parent, created with an explicit parent id (works from any process)."""
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": self.parent.run_id,
-                                           "optuna.study_name": self.study_name, **tags})
-        child = RunTracker(self.client, run.info.run_id, run.info.artifact_uri)
-        try:
-            child.write_params(params)
-        except Exception as e:  # the caller never gets this run to close: close it here
-            child.end("FAILED", "FAIL", f"logging its params failed: {e!r}")
-            raise
-        return child
+        return open_run(self.client, self.experiment_id, name, {"optuna.study_name": self.study_name, **tags}, params,
+                        self.verb, self.parent.run_id, record)
 
-    def start_trial(self, number: int, params: dict[str, Any]) -> RunTracker:
+    def start_trial(self, number: int, params: dict[str, Any], record: tuple | None = None) -> RunTracker:
         return self.start_run(f"{self.study_name}/t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
-                                                                   "optuna.trial_state": "RUNNING"}, params)
+                                                                   "optuna.trial_state": "RUNNING"}, params, record)
 
     @store_write
     def reopen(self, run_id: str, retry_number: int) -> RunTracker:
@@ -297,47 +332,6 @@ class StudyTracker:
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
         self.parent.flush({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
-
-    @store_write
-    def promote(self, child: RunTracker, model, value: float, objective: str, trial_number: int) -> bool:
-        """Register `model` as the study's champion if `value` beats the current champion's; say whether it did."""
-        import mlflow
-        import torch
-
-        current = self.champion()
-        if current is not None and float(current.tags.get("objective_value", "-inf")) >= value:
-            return False
-        with _fluent_uri(self.uri), mlflow.start_run(run_id=child.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pickle",
-                code_paths=[str(Path(__file__).resolve().parent)],  # the Net class travels with the model
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-        with _fluent_uri(self.uri), contextlib.redirect_stderr(io.StringIO()):  # it prints "Successfully registered"
-            version = mlflow.register_model(info.model_uri, self.study_name,
-                                            tags={"objective": objective, "objective_value": str(value),
-                                                  "optuna.trial_number": str(trial_number), "run_id": child.run_id})
-        # Workers promote concurrently: point the alias at the best version registered so far, so that whichever
-        # worker writes last, the alias ends on the true best.
-        from mlflow.exceptions import MlflowException
-
-        for attempt in range(3):
-            versions = self.client.search_model_versions(f"name='{self.study_name}'")
-            best = max(versions, key=lambda v: float(v.tags.get("objective_value", "-inf")))
-            try:
-                self.client.set_registered_model_alias(self.study_name, CHAMPION, best.version)
-                break
-            except MlflowException:  # two workers created the alias at once (the store's unique key): look again
-                if attempt == 2:
-                    raise
-        return best.version == version.version
-
-    def champion(self):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_model_version_by_alias(self.study_name, CHAMPION)
-        except MlflowException:  # no registered model or no alias yet
-            return None
 
     @store_write
     def close(self, status: str = "FINISHED") -> None:

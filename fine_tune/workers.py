@@ -92,14 +92,15 @@ class Attempt:
         self.inherited = set(frozen.intermediate_values)
         trial.set_user_attr("worker", worker_id())  # who runs it, for debugging
 
-    def open_run(self, tracker: StudyTracker, params: dict) -> RunTracker:
-        """The trial's MLflow run: a new child run, or on a retry the run of the trial it continues."""
+    def open_run(self, tracker: StudyTracker, params: dict, record: tuple) -> RunTracker:
+        """The trial's MLflow run: a new child run (with `record`, see RunTracker.record), or on a retry the run of the
+        trial it continues."""
         from fine_tune import checkpoints
 
         if self.original is not None and "mlflow_run_id" in self.trial.user_attrs:
             run = tracker.reopen(self.trial.user_attrs["mlflow_run_id"], self.trial.number)
         else:
-            run = tracker.start_trial(self.trial.number, params)
+            run = tracker.start_trial(self.trial.number, params, record)
             self.trial.set_user_attr("mlflow_run_id", run.run_id)
         if self.original is not None:  # its run may hold epochs of the attempt that stopped, or miss some
             run.backfill(checkpoints.load_any(self.state)["history"] if self.state.is_file() else [])

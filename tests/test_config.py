@@ -70,5 +70,6 @@ def test_every_experiment_file_validates(path):
 
 def test_pretrain_key_ignores_fine_tuning_settings():
     a = Config(pretrain={}, lr=0.1, frozen_layers=1)
-    assert a.pretrain_key() == Config(pretrain={}, lr=0.5).pretrain_key()
+    assert a.pretrain_key() == Config(pretrain={}, lr=0.5, seed=1).pretrain_key()  # the fine-tuning seed: no retrain
     assert a.pretrain_key() != Config(pretrain={"epochs": 2}).pretrain_key()
+    assert a.pretrain_key() != Config(pretrain={"seed": 1}).pretrain_key()

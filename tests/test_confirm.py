@@ -97,3 +97,18 @@ def test_confirm_closes_the_reruns_a_killed_confirm_left_running(tmp_path, tiny_
     assert found.loc["killed", "status"] == "FAILED" and "ended without closing" in found.loc["killed",
                                                                                              "tags.fine_tune.reason"]
     assert found.loc["alive", "status"] == "RUNNING" and found.loc["elsewhere", "status"] == "RUNNING"
+
+
+def test_vary_backbone_pretrains_again_per_seed(tmp_path):
+    """`confirm --vary backbone`: each re-run's backbone is pretrained with its own seed (a new checkpoint), and the
+    re-runs say so; the plain confirm keeps the trial's backbone."""
+    cfg = tiny_sweep(tmp_path / "runs", None, "rep-vary", 2, pretrain={"classes": [0, 1, 2, 3, 4], "epochs": 1},
+                     budget_per_class=10, val_per_class=10)
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    assert confirm(cfg, top_k=1, seeds=1, log=lambda s: None, vary="backbone") == 1
+    runs = runs_of(cfg.runs_dir, cfg.study)
+    trial = runs[runs["tags.fine_tune.role"] == "trial"]
+    rerun = runs[runs["tags.fine_tune.role"] == "rerun"].iloc[0]
+    assert rerun["tags.fine_tune.vary"] == "backbone"
+    assert rerun["params.pretrained_sha256"] not in set(trial["params.pretrained_sha256"])
+    assert len(list((tmp_path / "runs" / "pretrained").glob("*.pt"))) == 2

@@ -63,11 +63,15 @@ def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tm
         assert f1 == max(m.value for m in history)
         # the confusion-matrix picture is drawn for the trials that became champion (trial 0 always does)
         names = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
-        became_champion = study.trials[int(run["tags.optuna.trial_number"])].user_attrs.get("champion", False)
+        became_champion = int(run["tags.optuna.trial_number"]) == study.user_attrs["champion_trial"]
         assert names == {"evaluation/confusion_matrix.json", "evaluation/per_class_report.json",
                          "evaluation/test_predictions.json"} | ({"evaluation/confusion_matrix.png"}
                                                                 if became_champion else set())
-    assert study.trials[0].user_attrs["champion"]
+    assert study.user_attrs["champion_trial"] == study.best_trial.number
+    versions = client.search_model_versions(f"name='{cfg.study}'")
+    assert len(versions) == 1  # registered once, when the sweep ended: not once per improving trial
+    logged = mlflow.models.get_model_info(f"models:/{cfg.study}@champion")
+    assert logged.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"  # images, as the model takes them
 
     # the champion alias points at the best trial, and the registered model reproduces its val metric
     champion = client.get_model_version_by_alias(cfg.study, "champion")
@@ -77,8 +81,10 @@ def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tm
     _, pred = evaluate(model, splits.val, torch.device("cpu"))
     assert scores("val", splits.val.y.numpy(), pred)["val/f1_macro"] == pytest.approx(study.best_value, abs=1e-9)
 
-    # a rerun continues the same study under the same parent
-    run_sweep(cfg, progress=False, log=lambda s: None)
+    # a rerun continues the same study under the same parent; it registers a second version only if it found better
+    best_before = study.best_value
+    study = run_sweep(cfg, progress=False, log=lambda s: None)
+    assert len(client.search_model_versions(f"name='{cfg.study}'")) == 1 + (study.best_value > best_before)
     parents, children = runs_by_role(cfg)
     assert len(parents) == 1 and parents.run_id.iloc[0] == parent_id and len(children) == 6
     assert sorted(int(n) for n in children["tags.optuna.trial_number"]) == list(range(6))

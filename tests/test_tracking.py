@@ -83,7 +83,7 @@ def test_a_run_whose_params_the_store_refuses_is_closed_failed(tracker):
         tracker.start_run("refused/t000", {"fine_tune.role": "trial"}, {"lr": 0.01, "x" * 300: 1})
     runs = tracker.client.search_runs([tracker.experiment_id], "tags.`fine_tune.role` = 'trial'")
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert "logging its params failed" in runs[0].data.tags["fine_tune.reason"]
+    assert "logging its params, config or inputs failed" in runs[0].data.tags["fine_tune.reason"]
 
 
 def test_a_retry_logs_each_epoch_once(tracker):
