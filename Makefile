@@ -63,9 +63,8 @@ server: venv ## MLflow tracking server on PostgreSQL (SERVER_DB) with artifact s
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(SERVER_DB) \
 	  --serve-artifacts --artifacts-destination runs/server-artifacts --host $(HOST) --port $(UI_PORT) --workers 2 $(SERVER_ARGS)
 
-ui: venv ## MLflow UI over the same store, on http://127.0.0.1:5000 (HOST/UI_PORT to change)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_TRACKING_URI) \
-	  --default-artifact-root runs/mlartifacts --host $(HOST) --port $(UI_PORT) --workers 1
+ui: venv ## MLflow UI over the same store: prints the URL of EXPERIMENT's runs table, on http://127.0.0.1:5000 (HOST/UI_PORT)
+	$(PY) -m fine_tune ui --config $(EXPERIMENT) --host $(HOST) --port $(UI_PORT)
 
 dashboard: venv ## optuna-dashboard over the same Optuna storage, on http://127.0.0.1:8080
 	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)

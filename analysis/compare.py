@@ -7,7 +7,8 @@ import pandas as pd
 
 from analysis import plots, stats
 from analysis.render import Heading, Image, Report, Table, Text, write
-from analysis.report import SCORE, fmt, predictions, seed_group, slug, staged
+from analysis.format import fmt, slug, staged
+from analysis.report import SCORE, predictions, seed_group
 from analysis.stores import StudyData
 
 SECTIONS = ["Best trial per study", "Validation F1 distributions", "Best so far"]

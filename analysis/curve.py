@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 
 from analysis import plots
 from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
-from analysis.report import duration, slug, staged
+from analysis.format import duration, slug, staged
 from analysis.stores import StoreError
 
 METRICS = ("test/accuracy", "test/f1_macro")

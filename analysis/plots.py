@@ -37,47 +37,99 @@ def optimization_history(study: optuna.Study, objective: str, path: Path) -> Pat
     return _optuna_figure(ovm.plot_optimization_history, path, (8, 4.5), study, target_name=objective)
 
 
-def param_importances(study: optuna.Study, objective: str, path: Path) -> Path:
-    """fANOVA importances, seeded so that the same study gives the same figure."""
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+def param_importances(study: optuna.Study, objective: str, path: Path, evaluator) -> Path:
+    """Importances by `evaluator` (seeded, so the same study gives the same figure)."""
     return _optuna_figure(ovm.plot_param_importances, path, (8, 3.5), study, evaluator=evaluator,
                           target_name=objective)
+
+
+def _label(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
 
 
 def continuous_vs_score(trials: pd.DataFrame, score: str, params: dict[str, bool], colour_by: str | None,
                         path: Path) -> Path:
     """One panel per continuous hyperparameter (log x where it was searched on a log scale) against the score, one
-    colour per value of `colour_by`."""
+    colour per value of `colour_by`; pruned trials as crosses at the best value they reached."""
     fig, axes = plt.subplots(1, len(params), figsize=(6 * len(params) + 1, 4.5), sharey=True, squeeze=False)
-    groups = trials.groupby(colour_by) if colour_by else [("all", trials)]
+    groups = list(trials.groupby(colour_by)) if colour_by else [("all", trials)]
+    colours = dict(zip([v for v, _ in groups], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10))
     for ax, (name, log) in zip(axes[0], params.items()):
         for value, group in groups:
-            ax.scatter(group[name], group[score], label=str(value), s=36, alpha=0.8)
+            for state, marker, fill in (("COMPLETE", "o", colours[value]), ("PRUNED", "x", colours[value])):
+                g = group[group.state == state]
+                ax.scatter(g[name], g["score"], marker=marker, s=40, alpha=0.85, color=fill,
+                           label=f"{colour_by} {_label(value)}" + (" (pruned)" if state == "PRUNED" else "")
+                           if colour_by else state.lower())
         if log:
             ax.set_xscale("log")
         ax.set(xlabel=name, title=f"{name} vs {score}")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{score} (best epoch)")
-    if colour_by:
-        axes[0][-1].legend(title=colour_by)
+    axes[0][0].set_ylabel(f"{score}: best epoch (x: pruned, best before the stop)")
+    axes[0][-1].legend(fontsize="small")
     return _save(fig, path)
 
 
 def score_by(trials: pd.DataFrame, score: str, groups: list[str], path: Path) -> Path:
-    """One box plot per hyperparameter in `groups`, every trial drawn on top as a point."""
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), sharey=True, squeeze=False)
+    """One box plot per hyperparameter in `groups` over its complete trials, every trial drawn on top (pruned ones as
+    crosses), and each group's count under its label."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.3), sharey=True, squeeze=False)
     rng = np.random.default_rng(0)  # the jitter only separates overlapping points
     for ax, col in zip(axes[0], groups):
         data = trials.dropna(subset=[col])
-        values = sorted(data[col].unique())
-        ax.boxplot([data.loc[data[col] == v, score] for v in values], positions=range(len(values)), showfliers=False)
+        values = sorted(data[col].unique(), key=lambda v: (isinstance(v, str), v))
+        complete = [data.loc[(data[col] == v) & (data.state == "COMPLETE"), "score"] for v in values]
+        ax.boxplot([c if len(c) else [np.nan] for c in complete], positions=range(len(values)), showfliers=False)
         for i, v in enumerate(values):
-            ys = data.loc[data[col] == v, score]
-            ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, s=18, alpha=0.7, color="tab:blue")
-        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in values])
+            for state, marker, colour in (("COMPLETE", "o", "tab:blue"), ("PRUNED", "x", "tab:red")):
+                ys = data.loc[(data[col] == v) & (data.state == state), "score"]
+                ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, s=22, alpha=0.75, color=colour, marker=marker)
+        labels = [f"{_label(v)}\nn={len(c)}" + (f" +{p} pruned" if (p := int(((data[col] == v) &
+                                                                                  (data.state == "PRUNED")).sum())) else "")
+                  for v, c in zip(values, complete)]
+        ax.set_xticks(range(len(values)), labels, fontsize="small")
         ax.set(xlabel=col, title=f"{score} by {col}")
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel(f"{score} (best epoch)")
+    axes[0][0].set_ylabel(f"{score} (boxes: complete trials; x: pruned)")
+    return _save(fig, path)
+
+
+def intermediate(study: optuna.Study, objective: str, path: Path) -> Path:
+    """Every trial's reported value per epoch: complete trials in colour, pruned ones in grey ending in a cross where
+    the pruner stopped them."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        steps = sorted(t.intermediate_values)
+        values = [t.intermediate_values[e] for e in steps]
+        if t.state == optuna.trial.TrialState.PRUNED:
+            ax.plot(steps, values, color="grey", alpha=0.5, lw=0.9)
+            ax.scatter(steps[-1], values[-1], marker="x", color="tab:red", s=30, zorder=3)
+        else:
+            ax.plot(steps, values, alpha=0.8, lw=1.2)
+    ax.scatter([], [], marker="x", color="tab:red", label="pruned here")
+    ax.plot([], [], color="grey", alpha=0.5, label="a pruned trial")
+    ax.set(xlabel="epoch", ylabel=objective, title=f"{objective} per epoch, every trial")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def parallel(study: optuna.Study, objective: str, path: Path) -> Path:
+    return _optuna_figure(ovm.plot_parallel_coordinate, path, (9, 4.5), study, target_name=objective)
+
+
+def losses(curves: dict[str, tuple[pd.Series, pd.Series]], path: Path) -> Path:
+    """Train (dashed) and validation (solid) loss per epoch of a few trials, one colour each."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for (label, (train, val)), colour in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        ax.plot(val.index, val.values, color=colour, label=f"{label} val")
+        ax.plot(train.index, train.values, color=colour, ls="--", alpha=0.7, label=f"{label} train")
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="cross-entropy (log scale)", title="train (dashed) vs validation loss, top trials")
+    ax.legend(fontsize="x-small", ncol=2)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -119,9 +171,9 @@ def pareto(trials: pd.DataFrame, on_front: pd.Series, score: str, path: Path) ->
     front = trials[on_front].sort_values("trainable_params")
     ax.step(front.trainable_params, front[score], where="post", color="tab:red", lw=1.2)
     ax.scatter(front.trainable_params, front[score], color="tab:red", label="Pareto front")
-    for _, row in front.iterrows():
+    for i, (_, row) in enumerate(front.iterrows()):  # labels alternate below and above, so neighbours do not overlap
         ax.annotate(f"t{int(row.number)}", (row.trainable_params, row[score]), textcoords="offset points",
-                    xytext=(4, -10), fontsize="small")
+                    xytext=(4, -12 if i % 2 else 6), fontsize="small")
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=f"{score} (best epoch)", title=f"{score} vs trainable parameters")
     ax.legend()

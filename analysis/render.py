@@ -73,13 +73,17 @@ def markdown(report: Report) -> str:
 
 
 def _inline(text: str) -> str:
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+    """Escaped text with `code` and [links](http...) made HTML."""
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+    return re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", r'<a href="\2">\1</a>', out)
 
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+.table-wrap { max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; white-space: nowrap; }
+th { white-space: normal; }
 th { background: #f3f3f3; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 code { background: #f3f3f3; padding: 0 0.2em; }
@@ -108,8 +112,9 @@ def to_html(report: Report) -> str:
             out.append(f"<p>{_inline(b.text)}</p>")
         elif isinstance(b, Bullets):
             out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
-            out.append(b.df.to_html(index=False, border=0))
+        elif isinstance(b, Table):  # wide tables scroll inside the page instead of running off its right edge
+            cells = b.df.map(lambda v: _inline(str(v)))
+            out.append('<div class="table-wrap">' + cells.to_html(index=False, border=0, escape=False) + "</div>")
             if b.caption:
                 out.append(f'<p class="caption">{_inline(b.caption)}</p>')
         elif isinstance(b, Image):

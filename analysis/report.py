@@ -2,53 +2,24 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis import plots, stats
+from analysis.format import duration, fmt, hyperparameter_columns, run_link, slug, staged
 from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
-from analysis.stores import StudyData, load_json, metric_history
+from analysis.search import curves, search
+from analysis.stores import StudyData, load_json
 
 SCORE = "val/f1_macro"  # what the figures compare trials by (the best epoch's value)
 TOP = 10  # trials in the leaderboard
-CURVES = 5  # trials in the learning-curve figure
-SECTIONS = ["Summary", "Leaderboard", "Optimization history", "Parameter importance",
-            "Continuous hyperparameters vs validation F1", "Validation F1 by discrete hyperparameter", "Learning curves",
+SECTIONS = ["Summary", "Leaderboard", "All trials", "Optimization history", "Every trial per epoch",
+            "Parameter importance", "Hyperparameters together", "Continuous hyperparameters vs validation F1",
+            "Validation F1 by discrete hyperparameter", "Learning curves", "Train vs validation loss",
             "Champion: confusion matrix and per-class scores", "Accuracy vs macro-F1",
             "Pareto front: validation F1 vs trainable parameters", "Noise-aware comparison"]
-
-
-def slug(name: str) -> str:
-    """A study name as a folder name."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None or pd.isna(value) else format(value, spec)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-@contextmanager
-def staged(folder: Path):
-    """A temporary sibling folder that replaces `folder` only once the report in it is complete."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield tmp
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- seed groups: a trial and its re-runs with other seeds
@@ -113,28 +84,6 @@ def summary(data: StudyData) -> list:
     ])]
 
 
-def discrete(distribution) -> bool:
-    """Whether a hyperparameter takes few enough values to group trials by: choices, or a short integer range."""
-    import optuna
-
-    return (isinstance(distribution, optuna.distributions.CategoricalDistribution)
-            or (isinstance(distribution, optuna.distributions.IntDistribution)
-                and distribution.high - distribution.low <= 10))
-
-
-def hyperparameter_columns(data: StudyData, rows: pd.DataFrame) -> dict[str, pd.Series]:
-    """The searched hyperparameters of `rows` as table columns, each formatted for its kind."""
-    import optuna
-
-    def spec(d) -> str:
-        if isinstance(d, optuna.distributions.FloatDistribution):
-            return ".2e" if d.log else ".3g"
-        return ".0f" if isinstance(d, optuna.distributions.IntDistribution) else ""
-
-    return {name: rows[name].map(lambda v, s=spec(d): fmt(v, s) if s else str(v))
-            for name, d in data.distributions.items() if name in rows}
-
-
 def leaderboard(data: StudyData) -> list:
     top = data.complete.head(TOP)
     table = pd.DataFrame({
@@ -142,10 +91,23 @@ def leaderboard(data: StudyData) -> list:
         "trainable params": top.trainable_params.map(lambda v: fmt(v, ",.0f")),
         **{m: top[m].map(lambda v: fmt(v, ".4f"))
            for m in ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro")},
-        "time (s)": top.duration_s.map(lambda v: fmt(v, ".1f"))})
+        "time (s)": top.duration_s.map(lambda v: fmt(v, ".1f")), "run": top.run_id.map(run_link(data))})
     caption = (f"The {len(top)} best of {len(data.complete)} complete trials by {data.objective}. val/* are the best "
                "epoch's values (the checkpoint kept); test/* are that checkpoint's, measured once.")
     return [Heading("Leaderboard"), Table(table, caption), *by_model(data)]
+
+
+def all_trials(data: StudyData) -> list:
+    """Every trial in one table: state, how far it got, its score and its hyperparameters."""
+    t = data.trials.sort_values("number")
+    table = pd.DataFrame({
+        "trial": t.number.map(str), "state": t.state.str.lower(),
+        "epochs": t.epochs_reported.map(lambda v: fmt(v, ".0f")),
+        data.objective: t.score.map(lambda v: fmt(v, ".4f")), **hyperparameter_columns(data, t),
+        "run": t.run_id.map(run_link(data))})
+    return [Heading("All trials"),
+            Table(table, f"{data.objective} is the best epoch's for a complete trial and, for a pruned one, the best it "
+                         "reached before the pruner stopped it at the epoch shown.")]
 
 
 def by_model(data: StudyData) -> list:
@@ -159,54 +121,6 @@ def by_model(data: StudyData) -> list:
                      **{m: fmt(best[m], ".4f") for m in ("val/f1_macro", "test/accuracy", "test/f1_macro")},
                      "trainable params": fmt(best.trainable_params, ",.0f")})
     return [Table(pd.DataFrame(rows), "Each model's best complete trial (the study searched the architecture).")]
-
-
-def search(data: StudyData, folder: Path) -> list:
-    """How the search went (history, importances) and what each hyperparameter did to the score."""
-    complete = data.complete.dropna(subset=[SCORE])  # a trial whose MLflow run is missing has no scores to plot
-    blocks = [Heading("Optimization history"),
-              Image(plots.optimization_history(data.study, data.objective, folder / "optimization_history.png"),
-                    "optimization history")]
-    blocks.append(Heading("Parameter importance"))
-    if len(complete) < 2:
-        blocks.append(Text("Parameter importance needs at least 2 complete trials; this study has "
-                           f"{len(complete)}. Run `make sweep` to add trials."))
-    else:
-        try:
-            blocks += [Image(plots.param_importances(data.study, data.objective, folder / "param_importances.png"),
-                             "parameter importances"),
-                       Text("fANOVA importance: the share of the objective's variance each hyperparameter explains "
-                            "across the complete trials.")]
-        except (ValueError, RuntimeError) as e:  # e.g. every trial sampled the same values
-            blocks.append(Text(f"Parameter importance could not be computed: {e}"))
-    groups = [n for n, d in data.distributions.items() if discrete(d) and n in complete]
-    continuous = {n: getattr(d, "log", False) for n, d in data.distributions.items() if not discrete(d) and n in complete}
-    blocks.append(Heading("Continuous hyperparameters vs validation F1"))
-    if continuous:
-        blocks.append(Image(plots.continuous_vs_score(complete, SCORE, continuous, groups[0] if groups else None,
-                                                      folder / "continuous_vs_val_f1.png"),
-                            "continuous hyperparameters vs val F1"))
-    else:
-        blocks.append(Text("The study searches no continuous hyperparameter."))
-    blocks.append(Heading("Validation F1 by discrete hyperparameter"))
-    if groups:
-        blocks.append(Image(plots.score_by(complete, SCORE, groups, folder / "val_f1_by_discrete.png"),
-                            "val F1 by discrete hyperparameter"))
-    else:
-        blocks.append(Text("The study searches no discrete hyperparameter."))
-    return blocks
-
-
-def curves(data: StudyData, folder: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(data.tracking_uri)
-    top = data.complete.dropna(subset=["run_id"]).head(CURVES)
-    hyper = hyperparameter_columns(data, top)
-    lines = {f"t{r.number:03d} (" + ", ".join(f"{k} {hyper[k][i]}" for k in hyper) + ")":
-             metric_history(client, r.run_id, SCORE) for i, r in zip(top.index, top.itertuples())}
-    return [Heading("Learning curves"),
-            Image(plots.learning_curves(lines, SCORE, folder / "learning_curves.png"), "learning curves")]
 
 
 def champion(data: StudyData, folder: Path) -> list:
@@ -290,7 +204,7 @@ def mcnemar(data: StudyData) -> list:
 
 def study_report(data: StudyData, folder: Path, resamples: int = stats.RESAMPLES) -> Report:
     report = Report(f"Study report: {data.name}")
-    report.add(*summary(data), *leaderboard(data), *search(data, folder), *curves(data, folder),
+    report.add(*summary(data), *leaderboard(data), *all_trials(data), *search(data, folder), *curves(data, folder),
                *champion(data, folder), *tradeoffs(data, folder), *noise(data, resamples))
     return report
 

@@ -45,6 +45,7 @@ class StudyData:
     storage_url: str
     tracking_uri: str
     parent_run_id: str
+    experiment_id: str
     trials: pd.DataFrame  # one row per Optuna trial, joined with its MLflow run (its params and METRICS)
     reruns: pd.DataFrame  # one row per re-run (`make confirm`): rerun_of, seed and the same columns
     objective: str
@@ -53,6 +54,12 @@ class StudyData:
     @property
     def hyperparameters(self) -> list[str]:
         return list(self.distributions)
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        """Complete and pruned trials with a score, best first: what every plot shows."""
+        done = self.trials[self.trials.state.isin(["COMPLETE", "PRUNED"])].dropna(subset=["score"])
+        return done.sort_values(["score", "number"], ascending=[False, True])
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -118,6 +125,7 @@ def load_study(name: str, runs_dir: str | Path = "runs", storage: str | None = N
         for k, d in t.distributions.items():
             distributions.setdefault(k, d)
     return StudyData(name=name, study=study, storage_url=url, tracking_uri=uri, parent_run_id=parent_run_id,
+                     experiment_id=experiment.experiment_id,
                      trials=_trials(study, runs[runs[ROLE] == "trial"], columns),
                      reruns=_reruns(runs[runs[ROLE] == "rerun"], columns),
                      objective=study.user_attrs.get("objective", "val/f1_macro"), distributions=distributions)
@@ -141,7 +149,11 @@ def _trials(study: optuna.Study, runs: pd.DataFrame, columns: list[str]) -> pd.D
     for t in study.get_trials(deepcopy=False):
         # The trial's own record of its run; a retried trial carries the run id of the run it continued.
         run_id = t.user_attrs.get("mlflow_run_id") or by_number.get(t.number)
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "run_id": run_id,
+        # what the plots compare trials by: the objective of a complete trial; for a pruned one, the best value it
+        # reported before it was stopped (so it stands where the pruner saw it, marked as pruned)
+        score = t.value if t.state == TrialState.COMPLETE else (
+            max(t.intermediate_values.values()) if t.state == TrialState.PRUNED and t.intermediate_values else np.nan)
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "score": score, "run_id": run_id,
                      "epochs_reported": max(t.intermediate_values, default=np.nan)})
     trials = pd.DataFrame(rows).merge(runs[["run_id", "status", "duration_s", *columns]], on="run_id", how="left")
     return trials.sort_values("number").reset_index(drop=True)

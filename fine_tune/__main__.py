@@ -1,4 +1,4 @@
-"""python -m fine_tune {data,pretrain,train,rerun,sweep,confirm,curve,keys,models} [--config experiments/X.yaml] [--set key=value ...]
+"""python -m fine_tune {data,pretrain,train,rerun,sweep,confirm,curve,ui,keys,models} [--config experiments/X.yaml] [--set key=value ...]
 
 Bad input (config, data, checkpoint) ends with one line on stderr and exit code 2, before anything is written.
 """
@@ -112,7 +112,8 @@ def cmd_sweep(args) -> int:
     print(f"\n{cfg.study}: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed"
           + (f"; best {cfg.sweep.objective} {s['best_value']:.4f} (trial {s['best_trial']})" if "best_value" in s else ""))
     print(top_table(study))
-    print("\nnext: `make ui` to browse the runs (http://127.0.0.1:5000), `make report` for the comparison report")
+    print("\nnext: `make ui` to browse the runs (it prints the URL of the study's runs table), `make report` for the "
+          "report")
     return 0
 
 
@@ -135,6 +136,29 @@ def cmd_curve(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import os
+
+    from fine_tune.stores import artifact_location, mlflow_client, tracking_uri
+
+    cfg = _config(args)
+    uri = tracking_uri(cfg.runs_dir)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{args.host}:{args.port}"
+    experiment = mlflow_client(uri).get_experiment_by_name(cfg.study) if not uri.startswith("http") else None
+    # MLflow 3.17's UI opens an experiment on its GenAI overview unless the URL asks for the model-training view
+    where = f"experiments/{experiment.experiment_id}/runs" if experiment else "experiments"
+    print(f"MLflow UI for {cfg.study}: {base}/#/{where}?workflowType=machine_learning", flush=True)
+    if uri.startswith(("http://", "https://")):
+        print(f"(the tracking server {uri} serves it; nothing to start here)")
+        return 0
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    os.execv(mlflow, [mlflow, "server", "--backend-store-uri", uri, "--default-artifact-root",
+                      artifact_location(uri) or str(Path(cfg.runs_dir) / "mlartifacts"), "--host", args.host,
+                      "--port", str(args.port), "--workers", "1"])
+    return 0
+
+
 def cmd_keys(args) -> int:
     print("config keys (YAML or --set key=value):\n" + describe_keys())
     return 0
@@ -150,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("sweep", cmd_sweep, "run or resume the Optuna study of the experiment"),
                             ("confirm", cmd_confirm, "re-train the study's top trials with new seeds"),
                             ("curve", cmd_curve, "label-efficiency curve: fine-tuned vs from scratch vs linear probe"),
+                            ("ui", cmd_ui, "MLflow UI over the experiment's store, printing the URL of its runs table"),
                             ("keys", cmd_keys, "list every config key with its default"),
                             ("models", cmd_models, "list every model with its stage count and parameter count")):
         p = sub.add_parser(name, help=help_)
@@ -159,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--json", type=Path, help="also write the final metrics to this JSON file")
             p.add_argument("--no-track", action="store_true", help="do not log the run to MLflow (a quick local try)")
+        if name == "ui":
+            p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+            p.add_argument("--port", type=int, default=5000)
         if name == "rerun":
             p.add_argument("run_id", help="the MLflow run id to reproduce (a trial, re-run, train or curve run)")
         if name == "confirm":

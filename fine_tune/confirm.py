@@ -18,7 +18,7 @@ from fine_tune.config import Config, ConfigError
 from fine_tune.interrupts import interruptible
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
 from fine_tune.pretrain import backbone_for
-from fine_tune.sweep import Inputs, resolve_inputs, single_inputs
+from fine_tune.inputs import Inputs, resolve_inputs, single_inputs
 from fine_tune.tracking import PARENT_TAG, StudyTracker, close_run, run_scope
 from fine_tune.train import train
 from fine_tune.workers import worker_id
@@ -45,7 +45,7 @@ def confirm(cfg: Config, top_k: int = 3, seeds: int = 3, log: Callable[[str], No
     added, status = 0, "KILLED"
     # Ctrl-C / SIGTERM: never inside a store write; the re-run in progress and the parent run are closed
     with interruptible():
-        tracker = StudyTracker(cfg.study, uri, verb="confirm")  # sets the parent run RUNNING: closed in `finally`
+        tracker = StudyTracker(cfg.study, uri, verb="confirm", role="confirm")  # RUNNING until `finally` closes it
         try:
             tracker.describe()
             reruns = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = 'rerun'",
@@ -103,7 +103,7 @@ def rerun(inputs: Inputs, tracker: StudyTracker, trial: optuna.trial.FrozenTrial
         inputs = single_inputs(run_cfg, splits, backbone_for(run_cfg, log))
     tags = {PARENT_TAG: "rerun", "fine_tune.rerun_of": str(trial.number), "fine_tune.seed": str(seed),
             "fine_tune.worker": worker_id(), "fine_tune.vary": vary}
-    with run_scope(lambda: inputs.open_run(tracker, run_cfg, f"{cfg.study}/t{trial.number:03d}/s{seed}", tags)) as run:
+    with run_scope(lambda: inputs.open_run(tracker, run_cfg, f"t{trial.number:03d}/s{seed}", tags)) as run:
         result = train(run_cfg, *inputs.for_run(run_cfg), tracker=run)
         if result.status != "finished":
             run.end("FAILED", "FAIL", result.message)

@@ -19,7 +19,7 @@ from fine_tune.data import splits_for
 from fine_tune.interrupts import interruptible
 from fine_tune.pretrain import backbone_for
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
-from fine_tune.sweep import single_inputs
+from fine_tune.inputs import single_inputs
 from fine_tune.tracking import PARENT_TAG, StudyTracker, run_scope
 from fine_tune.train import train
 

@@ -123,3 +123,17 @@ def datasets(cfg, splits) -> list[tuple[str, str, str, str]]:
     shift = "" if cfg.data.shift == "none" else f"+{cfg.data.shift}"
     return [(f"{name}{shift}", splits.digests[split], context, source)
             for split, context in (("train", "train"), ("val", "validation"), ("test", "test"))]
+
+
+def log_provenance(run, tags: dict) -> None:
+    """The environment (and the diff of a dirty tree) as artifacts of `run`, unless `tags` (the run's) say it holds
+    this very environment and diff already: a study logs them once, its trials refer to them by hash."""
+    now = source_tags("")
+    files = {}
+    if tags.get("fine_tune.env_sha") != now["fine_tune.env_sha"] or tags.get("fine_tune.logged_env") != "true":
+        files["provenance/environment.json"] = json.dumps(environment(), indent=2)
+    if code_state().dirty and tags.get("fine_tune.logged_diff") != now["fine_tune.git.diff_sha"]:
+        files["provenance/diff.patch"] = code_state().diff
+    if files:
+        run.log_texts(files)
+        run.set_tags({"fine_tune.logged_env": "true", "fine_tune.logged_diff": now["fine_tune.git.diff_sha"]})

@@ -13,10 +13,10 @@ from fine_tune.config import Config, ConfigError
 from fine_tune.data import splits_for
 from fine_tune.interrupts import interruptible
 from fine_tune.pretrain import backbone_for
-from fine_tune.provenance import differences
+from fine_tune.provenance import differences, log_provenance
 from fine_tune.stores import check_reachable, mlflow_client, tracking_uri
-from fine_tune.sweep import single_inputs
-from fine_tune.tracking import PARENT_TAG, NullTracker, experiment_id, log_provenance, open_run, run_scope
+from fine_tune.inputs import single_inputs
+from fine_tune.tracking import PARENT_TAG, NullTracker, experiment_id, open_run, run_scope
 from fine_tune.train import Result, train
 
 COMPARED = (("val/accuracy", "best/val/accuracy"), ("val/f1_macro", "best/val/f1_macro"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,15 +16,11 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from fine_tune import checkpoints, figures
-from fine_tune.config import Config, ConfigError, Hyperparameters
-from fine_tune.data import Splits, splits_for
-from fine_tune.data import prepare as prepare_data
+from fine_tune import figures
+from fine_tune.config import Config, ConfigError
+from fine_tune.inputs import Inputs, resolve_inputs
 from fine_tune.interrupts import interruptible
-from fine_tune.pretrain import backbone_for
-from fine_tune.provenance import config_yaml, datasets
 from fine_tune.search import make_pruner, make_sampler, suggest
-from fine_tune.space import Choices
 from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
 from fine_tune.tracking import RunTracker, StudyTracker, run_scope
 from fine_tune.train import Result, train
@@ -36,65 +32,40 @@ class TrialDiverged(RuntimeError):
     """A trial's loss became NaN/inf: the trial fails with this reason, the study goes on."""
 
 
-@dataclass
-class Inputs:
-    """What the runs of a sweep share, resolved once at the entry point and handed to every worker: the data splits
-    at each image size and the backbone of each (model, image size) its search space can give a trial."""
+def definition(cfg: Config, n_trials: int | None) -> dict[str, Any]:
+    """The study as a person would define it, for the parent run's params."""
+    import json
 
-    cfg: Config
-    splits: dict[int, Splits]  # by image size
-    backbones: dict[tuple[str, int], tuple[str | None, str | None]]  # (model, image size) -> (checkpoint, sha256)
-
-    def for_run(self, cfg: Config) -> tuple[Splits, str | None]:
-        """The splits and backbone checkpoint a run of `cfg` (a trial's or a re-run's config) trains on."""
-        return self.splits[cfg.input_size()], self.backbones[cfg.model, cfg.input_size()][0]
-
-    def record(self, cfg: Config) -> tuple[str, list]:
-        """What a run of `cfg` is made of, for `RunTracker.record`: its resolved config and its datasets."""
-        return config_yaml(cfg), datasets(cfg, self.splits[cfg.input_size()])
-
-    def open_run(self, tracker: StudyTracker, cfg: Config, name: str, tags: dict[str, str]) -> RunTracker:
-        """A child run of `cfg` with its params, config.yaml and dataset inputs."""
-        return tracker.start_run(name, tags, self.run_params(cfg), self.record(cfg))
-
-    def run_params(self, cfg: Config) -> dict[str, Any]:
-        """The params of a run of `cfg`: its hyperparameters, then the fixed context every run of the study shares."""
-        splits = self.splits[cfg.input_size()]
-        backbone, sha = self.backbones[cfg.model, cfg.input_size()]
-        return {**cfg.model_dump(include=set(Hyperparameters.model_fields)), "image_size": cfg.input_size(),
-                "data": cfg.data.root or cfg.data.kind, "classes": cfg.classes,
-                "class_names": "|".join(splits.class_names), "budget_per_class": cfg.budget_per_class,
-                "val_per_class": cfg.val_per_class, "train_images": len(splits.train), "val_images": len(splits.val),
-                "test_images": len(splits.test), "seed": cfg.seed, "data_seed": cfg.data_seed,
-                "data_fingerprint": splits.fingerprint, "pretrained": backbone or "none",
-                "pretrained_sha256": (sha or "none")[:16], "objective": cfg.sweep.objective}
+    s = cfg.sweep
+    pruner = {"median": f"median (startup {s.prune_startup_trials} trials, warm-up {s.prune_warmup_epochs} epochs)",
+              "halving": "successive halving (min resource 2)", "hyperband": f"hyperband (2-{cfg.epochs} epochs)",
+              "none": "none"}[s.pruner]
+    return {"study": cfg.study, "objective": f"maximize {s.objective}", "sampler": f"{s.sampler} (seed {cfg.seed})",
+            "pruner": pruner, "n_trials": n_trials or s.n_trials, "seed": cfg.seed, "model": cfg.model,
+            **{f"search.{name}": json.dumps(dim.model_dump()) for name, dim in cfg.search.dimensions().items()}}
 
 
-def single_inputs(cfg: Config, splits: Splits, backbone: str | None, sha: str | None = None) -> Inputs:
-    """The inputs of one run: its splits and backbone."""
-    if backbone and sha is None:
-        sha = checkpoints.file_sha256(backbone)
-    return Inputs(cfg, {cfg.input_size(): splits}, {(cfg.model, cfg.input_size()): (backbone, sha)})
-
-
-def resolve_inputs(cfg: Config, log: Callable[[str], None] = print) -> Inputs:
-    """The data splits and backbones `cfg` and its search space describe (backbones made first if not cached)."""
-    if cfg.data.kind == "fashion_mnist":
-        prepare_data(cfg.data_dir)
-    space = cfg.search.dimensions() if cfg.search else {}
-    models = space["model"].values() if "model" in space else [cfg.model]
-    sizes = space["image_size"].values() if "image_size" in space else [cfg.image_size]
-    if "image_size" in space and not isinstance(space["image_size"], Choices):
-        sizes = range(space["image_size"].low, space["image_size"].high + 1)
-    splits, backbones = {}, {}
-    for model in models:
-        for size in sizes:
-            variant = cfg.model_copy(update={"model": model, "image_size": size})
-            if variant.input_size() not in splits:
-                splits[variant.input_size()] = splits_for(variant)
-            backbone = backbone_for(variant, log)
-            backbones[model, variant.input_size()] = (backbone, checkpoints.file_sha256(backbone) if backbone else None)
-    return Inputs(cfg, splits, backbones)
+def description(study: optuna.Study, cfg: Config, top: int = 5) -> str:
+    """The parent run's description: the counts, the best trials as a Markdown table, the champion, the report."""
+    s = summary(study)
+    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
+    names = list(dict.fromkeys(k for t in trials for k in t.params))
+    rows = [f"| trial | {' | '.join(names)} | {cfg.sweep.objective} | test/accuracy | run |",
+            "|" + "---|" * (len(names) + 4)]
+    for t in trials[:top]:
+        values = [f"{t.params[k]:.3g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-"))
+                  for k in names]
+        rows.append(f"| {t.number} | {' | '.join(values)} | {t.value:.4f} | "
+                    f"{t.user_attrs.get('test/accuracy', float('nan')):.4f} | `{t.user_attrs.get('mlflow_run_id')}` |")
+    champion = study.user_attrs.get("champion_trial")
+    return "\n".join([
+        f"**{cfg.study}**: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed "
+        f"trials; objective: maximize `{cfg.sweep.objective}` (validation; the test set never drives a decision).", "",
+        *rows, "",
+        (f"**Champion**: trial {champion}, `models:/{cfg.study}@champion`." if champion is not None else
+         "No champion yet."),
+        f"**Report**: `make report` writes `reports/{cfg.study}/report.html` and logs it to this run's artifacts "
+        "under `report/report.html` (open it there)."])
 
 
 def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
@@ -107,6 +78,9 @@ def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
     if len(study.trials) or seed_offset:
         study.sampler = make_sampler(cfg, len(study.trials) + seed_offset)
     study.set_user_attr("objective", cfg.sweep.objective)  # reports read it from the store
+    with warnings.catch_warnings():  # experimental since Optuna 3.2; the dashboard reads it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([cfg.sweep.objective])  # optuna-dashboard names the objective, not "Objective 0"
     return study
 
 
@@ -318,6 +292,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     study = open_study(cfg)
     tracker = StudyTracker(cfg.study, uri)  # the parent run exists before any worker starts
     tracker.describe()
+    tracker.define(definition(cfg, n_trials))
     n = n_trials or cfg.sweep.n_trials or 10**9
     target = finished(study) + n
     max_trials = 2 * n + 10  # bounds a study whose trials keep failing
@@ -339,6 +314,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
                 finally:
                     bar.close()
             register_champion(study, inputs, tracker, log)
+            tracker.describe_result(description(study, cfg))
             status = "FINISHED"
     finally:
         tracker.close(status)

@@ -118,11 +118,12 @@ class RunTracker:
         import torch
 
         # The curves' latest points are the last epoch's; `best/...` are the best epoch's, which the checkpoint,
-        # the test metrics and Optuna's objective all refer to.
+        # the test metrics and Optuna's objective all refer to. They are single values, logged at step 0: the UI draws
+        # a metric whose steps are all 0 as a value (a bar), not as a one-dot line among the per-epoch curves.
         final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k in ("best_epoch", "epochs_run")}
         final |= {f"best/{k}": result.metrics[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
         final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
-        self._buffer(final, step=result.best_epoch)
+        self._buffer(final, step=0)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "checkpoint").mkdir()
             evaluation = Path(tmp) / "evaluation"
@@ -172,8 +173,18 @@ class RunTracker:
         self.log_texts({"config.yaml": config_yaml})
 
     @store_write
-    def end(self, status: str, state: str, reason: str | None = None) -> None:
-        self.flush({"optuna.trial_state": state} | ({"fine_tune.reason": reason[:5000]} if reason else {}))
+    def end(self, status: str, state: str, reason: str | None = None, note: str | None = None) -> None:
+        """Close the run. A pruned run ends KILLED (MLflow has no better status), so its tags and description say it
+        was pruned, not killed: `fine_tune.outcome` and `mlflow.note.content` (the UI's description)."""
+        outcome = {"PRUNED": reason or "pruned", "COMPLETE": "complete"}.get(state, f"{status.lower()}: {reason}")
+        tags = {"optuna.trial_state": state, "fine_tune.outcome": outcome[:250]}
+        if reason:
+            tags["fine_tune.reason"] = reason[:5000]
+        if note or state == "PRUNED":
+            tags["mlflow.note.content"] = note or (f"**Pruned** ({reason}): the pruner stopped it because its "
+                                                   "validation score was below the median of the complete trials at "
+                                                   "that epoch. Its per-epoch curves are kept; it has no test metrics.")
+        self.flush(tags)
         self.client.set_terminated(self.run_id, status=status)
         self.ended = True
 
@@ -214,8 +225,9 @@ def experiment_id(client, name: str) -> str:
         return exp.experiment_id
     from mlflow.exceptions import MlflowException
 
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+    try:  # a model-training experiment: newer MLflow UIs open it on its runs table (3.17 reads the URL; see `ui`)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri),
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:  # another worker created it first
         return client.get_experiment_by_name(name).experiment_id
 
@@ -240,24 +252,6 @@ def open_run(client, experiment: str, name: str, tags: dict[str, str], params: d
     return created
 
 
-def log_provenance(run: RunTracker, tags: dict) -> None:
-    """The environment (and the diff of a dirty tree) as artifacts of `run`, unless `tags` (the run's) say it holds
-    this very environment and diff already: a study logs them once, its trials refer to them by hash."""
-    import json as _json
-
-    from fine_tune.provenance import code_state, environment, source_tags
-
-    now = source_tags("")
-    files = {}
-    if tags.get("fine_tune.env_sha") != now["fine_tune.env_sha"] or tags.get("fine_tune.logged_env") != "true":
-        files["provenance/environment.json"] = _json.dumps(environment(), indent=2)
-    if code_state().dirty and tags.get("fine_tune.logged_diff") != now["fine_tune.git.diff_sha"]:
-        files["provenance/diff.patch"] = code_state().diff
-    if files:
-        run.log_texts(files)
-        run.set_tags({"fine_tune.logged_env": "true", "fine_tune.logged_diff": now["fine_tune.git.diff_sha"]})
-
-
 def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> None:
     """Close a run from outside the process that ran it (a worker that died)."""
     RunTracker(mlflow_client(uri), run_id).end(status, state, reason)
@@ -268,10 +262,12 @@ class StudyTracker:
 
     `uri` is resolved (and checked reachable) by the caller, once per sweep."""
 
-    def __init__(self, study_name: str, uri: str, verb: str = "sweep"):
+    def __init__(self, study_name: str, uri: str, verb: str = "sweep", role: str = "study"):
+        """`role`: the parent's `fine_tune.role`, "study" for the sweep's; `make confirm` keeps its re-runs under a
+        parent of its own ("confirm"), so the study's parent run's clock is the sweeps'."""
         # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
         logging.getLogger("mlflow").setLevel(logging.ERROR)
-        self.study_name, self.uri, self.verb = study_name, uri, verb
+        self.study_name, self.uri, self.verb, self.role = study_name, uri, verb, role
         self.client = mlflow_client(uri)
         self.experiment_id = experiment_id(self.client, study_name)
         self.parent = RunTracker(self.client, self._parent_run_id())
@@ -279,7 +275,7 @@ class StudyTracker:
     def describe(self) -> None:
         """The parent run's provenance: the source tags of this invocation, the environment and a dirty tree's diff
         as artifacts (once per study and change; the children refer to them by hash). The launcher calls it, once."""
-        from fine_tune.provenance import source_tags
+        from fine_tune.provenance import log_provenance, source_tags
 
         tags = self.client.get_run(self.parent.run_id).data.tags
         self.parent.set_tags(source_tags(self.verb))
@@ -293,13 +289,14 @@ class StudyTracker:
         """
         def parents():
             return self.client.search_runs([self.experiment_id], order_by=["attributes.start_time ASC"],
-                                           filter_string=f"tags.`{PARENT_TAG}` = 'study' and "
+                                           filter_string=f"tags.`{PARENT_TAG}` = '{self.role}' and "
                                                          f"tags.`optuna.study_name` = '{self.study_name}'")
 
         found = parents()
         if not found:
-            mine = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                          tags={PARENT_TAG: "study", "optuna.study_name": self.study_name})
+            name = self.study_name if self.role == "study" else self.role
+            mine = self.client.create_run(self.experiment_id, run_name=name,
+                                          tags={PARENT_TAG: self.role, "optuna.study_name": self.study_name})
             found = sorted(parents(), key=lambda r: (r.info.start_time, r.info.run_id))
             if found[0].info.run_id != mine.info.run_id:
                 self.client.delete_run(mine.info.run_id)
@@ -315,8 +312,9 @@ class StudyTracker:
                         self.verb, self.parent.run_id, record)
 
     def start_trial(self, number: int, params: dict[str, Any], record: tuple | None = None) -> RunTracker:
-        return self.start_run(f"{self.study_name}/t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
-                                                                   "optuna.trial_state": "RUNNING"}, params, record)
+        # a short name the runs table does not truncate: the experiment already says the study
+        return self.start_run(f"t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
+                                                 "optuna.trial_state": "RUNNING"}, params, record)
 
     @store_write
     def reopen(self, run_id: str, retry_number: int) -> RunTracker:
@@ -325,6 +323,24 @@ class StudyTracker:
         run = RunTracker(self.client, run_id)
         run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number})
         return run
+
+    @store_write
+    def define(self, definition: dict[str, Any]) -> None:
+        """The study's definition (search space, sampler, pruner, objective, trial count, seed) as the parent's params:
+        written by the first sweep; a later sweep that changes it leaves the first as it was (MLflow params cannot
+        change) and records the change in the tag `fine_tune.definition_changed`."""
+        logged = self.client.get_run(self.parent.run_id).data.params
+        new = {k: str(v) for k, v in definition.items()}
+        if not logged:
+            self.parent.write_params(new)
+        changed = sorted(k for k in new if k in logged and logged[k] != new[k] and k != "n_trials")
+        if changed:
+            self.parent.set_tags({"fine_tune.definition_changed": ", ".join(changed)})
+
+    @store_write
+    def describe_result(self, markdown: str) -> None:
+        """The parent run's description (the UI's Description, `mlflow.note.content`)."""
+        self.parent.set_tags({"mlflow.note.content": markdown})
 
     @store_write
     def summarise(self, summary: dict[str, Any]) -> None:

@@ -25,25 +25,26 @@ def test_reruns_log_the_params_their_trial_logged(tmp_path, tiny_backbone):
     rerun = runs[runs["tags.fine_tune.role"] == "rerun"].iloc[0]
     trial = runs[(runs["tags.fine_tune.role"] == "trial")
                  & (runs["tags.optuna.trial_number"] == rerun["tags.fine_tune.rerun_of"])].iloc[0]
-    params = [c for c in runs.columns if c.startswith("params.")]
+    params = [c for c in runs.columns if c.startswith("params.") and (pd.notna(trial[c]) or pd.notna(rerun[c]))]
     assert {c for c in params if pd.notna(trial[c])} == {c for c in params if pd.notna(rerun[c])}
     assert {c for c in params if trial[c] != rerun[c]} == {"params.seed"}
     assert {"params.batch_size", "params.epochs", "params.patience", "params.weight_decay"} <= set(params)
 
 
 def test_a_rerun_whose_artifacts_cannot_be_written_ends_failed_not_running(tmp_path, tiny_backbone):
-    """`make confirm` when the artifact store refuses the re-run's checkpoint (here its folder is a file): the re-run
-    is closed FAILED with the reason, the error reaches the user, and the parent run is closed too."""
+    """`make confirm` when the artifact store refuses the re-run's files (here its folder became a file after a first
+    confirm): the new re-run is closed FAILED with the reason, the error reaches the user, the confirm's run too."""
     runs = tmp_path / "runs"
     cfg = tiny_sweep(runs, tiny_backbone[0], "rep-broken", 2)
     run_sweep(cfg, progress=False, log=lambda s: None)
+    assert confirm(cfg, top_k=1, seeds=1, log=lambda s: None) == 1
     shutil.rmtree(runs / "mlartifacts")
     (runs / "mlartifacts").write_text("not a folder")
     with pytest.raises(OSError):
-        confirm(cfg, top_k=1, seeds=1, log=lambda s: None)
+        confirm(cfg, top_k=1, seeds=2, log=lambda s: None)
     found = runs_of(runs, "rep-broken")
     reruns = found[found["tags.fine_tune.role"] == "rerun"]
-    assert list(reruns.status) == ["FAILED"] and reruns["tags.fine_tune.reason"].iloc[0]
+    assert list(reruns.status) == ["FAILED", "FINISHED"] and reruns["tags.fine_tune.reason"].iloc[0]
     assert "RUNNING" not in set(found.status)
 
 

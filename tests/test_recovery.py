@@ -87,7 +87,7 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     df, study = stores(tmp_path, "stop")
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[1].params == study.trials[0].params
-    run = df[df["tags.mlflow.runName"] == "stop/t000"].iloc[0]
+    run = df[df["tags.mlflow.runName"] == "t000"].iloc[0]
     assert run.status == "KILLED" and "interrupted" in run["tags.fine_tune.reason"]
     assert df[df["tags.fine_tune.role"] == "study"].status.iloc[0] == "KILLED"
     assert state.exists()  # the interrupt saved the last finished epoch for the resume

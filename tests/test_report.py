@@ -107,8 +107,9 @@ def test_report_has_every_section_and_its_leaderboard_is_what_mlflow_holds(repor
 def test_report_images_are_pngs_beside_the_markdown_and_inside_the_html(report_a):
     md, page = (report_a / "report.md").read_text(), (report_a / "report.html").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert set(linked) == {"optimization_history.png", "param_importances.png", "continuous_vs_val_f1.png",
-                           "val_f1_by_discrete.png", "learning_curves.png", "champion_confusion_matrix.png",
+    assert set(linked) == {"optimization_history.png", "intermediate_values.png", "param_importances_fanova.png",
+                           "param_importances_ped_anova.png", "parallel_coordinates.png", "continuous_vs_val_f1.png",
+                           "val_f1_by_discrete.png", "learning_curves.png", "losses.png", "champion_confusion_matrix.png",
                            "accuracy_vs_f1.png", "pareto_front.png"}
     for name in linked:
         data = (report_a / name).read_bytes()

@@ -1,4 +1,6 @@
 """A real sweep on real stores: SQLite Optuna + SQLite MLflow, a few hundred Fashion-MNIST images, 2 epochs."""
+import re
+
 import mlflow
 import optuna
 import pytest
@@ -39,7 +41,7 @@ def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tm
     assert len(parents) == 1 and len(children) == 3
     parent_id = parents.run_id.iloc[0]
     assert (children["tags.mlflow.parentRunId"] == parent_id).all()
-    assert sorted(children["tags.mlflow.runName"]) == ["tiny-sweep/t000", "tiny-sweep/t001", "tiny-sweep/t002"]
+    assert sorted(children["tags.mlflow.runName"]) == ["t000", "t001", "t002"]  # short: the experiment is the study
     assert set(children["tags.optuna.trial_state"]) == {"COMPLETE"} and set(children.status) == {"FINISHED"}
     assert parents.status.iloc[0] == "FINISHED"
     assert parents["metrics.trials_complete"].iloc[0] == 3
@@ -110,6 +112,10 @@ def test_pruned_and_diverged_trials_are_closed_with_their_reason(sweep_cfg):
     by_trial = {int(r["tags.optuna.trial_number"]): r for _, r in children.iterrows()}
     assert by_trial[0].status == "FINISHED"
     assert by_trial[1].status == "KILLED" and by_trial[1]["tags.optuna.trial_state"] == "PRUNED"
+    # KILLED is MLflow's nearest status; the outcome tag and the description say it was pruned, and at which epoch
+    assert re.fullmatch(r"pruned at epoch \d", by_trial[1]["tags.fine_tune.outcome"])
+    assert by_trial[1]["tags.mlflow.note.content"].startswith("**Pruned** (pruned at epoch")
+    assert by_trial[0]["tags.fine_tune.outcome"] == "complete"
     assert len(MlflowClient().get_metric_history(by_trial[1].run_id, "val/f1_macro")) >= 1  # its curve is kept
     assert by_trial[2].status == "FAILED" and "lower the learning rate" in by_trial[2]["tags.fine_tune.reason"]
     states = [t.state.name for t in study_in(cfg.runs_dir, cfg.study).trials]

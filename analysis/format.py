@@ -1,0 +1,78 @@
+"""How the reports show values: numbers, durations, folder names, hyperparameters by their kind, run ids (as links when
+the MLflow UI's address is known), and the staged folder a report is written into."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.stores import StudyData
+
+
+def slug(name: str) -> str:
+    """A study name as a folder name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(value, spec)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@contextmanager
+def staged(folder: Path):
+    """A temporary sibling folder that replaces `folder` only once the report in it is complete."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discrete(distribution) -> bool:
+    """Whether a hyperparameter takes few enough values to group trials by: choices, or a short integer range."""
+    import optuna
+
+    return (isinstance(distribution, optuna.distributions.CategoricalDistribution)
+            or (isinstance(distribution, optuna.distributions.IntDistribution)
+                and distribution.high - distribution.low <= 10))
+
+
+def hyperparameter_columns(data: StudyData, rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """The searched hyperparameters of `rows` as table columns, each formatted for its kind."""
+    import optuna
+
+    def spec(d) -> str:
+        if isinstance(d, optuna.distributions.FloatDistribution):
+            return ".2e" if d.log else ".3g"
+        return ".0f" if isinstance(d, optuna.distributions.IntDistribution) else ""
+
+    return {name: rows[name].map(lambda v, s=spec(d): fmt(v, s) if s else str(v))
+            for name, d in data.distributions.items() if name in rows}
+
+
+def run_link(data: StudyData):
+    """A run id as the report shows it: a link to the run in the MLflow UI when one is known (MLFLOW_UI_URL, or a
+    tracking server), else the id in backticks (paste it into the UI's search, or into `make rerun RUN=...`)."""
+    import os
+
+    base = os.environ.get("MLFLOW_UI_URL") or (data.tracking_uri if data.tracking_uri.startswith("http") else None)
+
+    def cell(run_id) -> str:
+        if not isinstance(run_id, str):
+            return "-"
+        if base is None:
+            return f"`{run_id}`"
+        return f"[{run_id[:8]}]({base.rstrip('/')}/#/experiments/{data.experiment_id}/runs/{run_id})"
+    return cell

@@ -1,0 +1,124 @@
+"""The report's sections on the search itself: how it went (history, every trial per epoch), what mattered
+(importances by two methods, a parallel-coordinates view, each hyperparameter against the score with every trial
+drawn, pruned ones marked), and how the top trials trained (learning curves, train vs validation loss)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.format import discrete, hyperparameter_columns
+from analysis.render import Bullets, Heading, Image, Text
+from analysis.stores import StudyData, metric_history
+
+SCORE = "val/f1_macro"  # what the learning curves show (the best epoch's value is the checkpoint's)
+CURVES = 5  # trials in the learning-curve figure
+
+
+def importance(data: StudyData, folder: Path) -> list:
+    """Two importance methods side by side, named, with a sentence when they rank the hyperparameters differently."""
+    import optuna
+
+    blocks = [Heading("Parameter importance")]
+    if len(data.complete) < 2:
+        return blocks + [Text("Parameter importance needs at least 2 complete trials; this study has "
+                              f"{len(data.complete)}. Run `make sweep` to add trials.")]
+    methods = {"fANOVA": optuna.importance.FanovaImportanceEvaluator(seed=0),
+               "PED-ANOVA": optuna.importance.PedAnovaImportanceEvaluator()}
+    ranks = {}
+    for name, evaluator in methods.items():
+        try:
+            ranks[name] = list(optuna.importance.get_param_importances(data.study, evaluator=evaluator))
+            path = folder / f"param_importances_{name.lower().replace('-', '_')}.png"
+            blocks.append(Image(plots.param_importances(data.study, data.objective, path, evaluator),
+                                f"parameter importances ({name})"))
+        except (ValueError, RuntimeError) as e:  # e.g. every trial sampled the same values
+            blocks.append(Text(f"{name} importance could not be computed: {e}"))
+    text = ("fANOVA: the share of the objective's variance each hyperparameter explains across the complete trials "
+            "(a random forest fitted to them, seed 0). PED-ANOVA: how much each hyperparameter's distribution differs "
+            "between the top trials and all of them (what optuna-dashboard shows).")
+    if len(ranks) == 2 and ranks["fANOVA"][:1] != ranks["PED-ANOVA"][:1]:
+        text += (f" They disagree on what matters most (fANOVA: {ranks['fANOVA'][0]}, PED-ANOVA: "
+                 f"{ranks['PED-ANOVA'][0]}): fANOVA weighs the whole range of outcomes, PED-ANOVA only what sets the "
+                 "best trials apart; with few complete trials, read both with caution.")
+    return blocks + [Text(text)]
+
+
+def search(data: StudyData, folder: Path) -> list:
+    """How the search went (history, every trial per epoch, importances) and what each hyperparameter did."""
+    finished = data.finished.dropna(subset=["run_id"])
+    blocks = [Heading("Optimization history"),
+              Image(plots.optimization_history(data.study, data.objective, folder / "optimization_history.png"),
+                    "optimization history"),
+              Heading("Every trial per epoch"),
+              Image(plots.intermediate(data.study, data.objective, folder / "intermediate_values.png"),
+                    "every trial per epoch"),
+              Text("What the pruner saw: each trial's validation score per epoch; a pruned trial ends in a cross at the "
+                   "epoch it was stopped.")]
+    blocks += importance(data, folder)
+    blocks.append(Heading("Hyperparameters together"))
+    if len(data.complete) >= 2 and len(data.distributions) >= 2:
+        blocks.append(Image(plots.parallel(data.study, data.objective, folder / "parallel_coordinates.png"),
+                            "parallel coordinates"))
+    else:
+        blocks.append(Text("A parallel-coordinates view needs 2 complete trials and 2 searched hyperparameters."))
+    groups = [n for n, d in data.distributions.items() if discrete(d) and n in finished]
+    continuous = {n: getattr(d, "log", False) for n, d in data.distributions.items() if not discrete(d) and n in finished}
+    blocks.append(Heading("Continuous hyperparameters vs validation F1"))
+    if continuous:
+        blocks.append(Image(plots.continuous_vs_score(finished, data.objective, continuous, groups[0] if groups else None,
+                                                      folder / "continuous_vs_val_f1.png"),
+                            "continuous hyperparameters vs val F1"))
+    else:
+        blocks.append(Text("The study searches no continuous hyperparameter."))
+    blocks.append(Heading("Validation F1 by discrete hyperparameter"))
+    if groups:
+        blocks.append(Image(plots.score_by(finished, data.objective, groups, folder / "val_f1_by_discrete.png"),
+                            "val F1 by discrete hyperparameter"))
+        if len(groups) >= 2:
+            a, b = groups[:2]
+            seen = data.complete.groupby(a)[b].nunique()
+            alone = [f"{_name(v)}" for v, n in seen.items() if n == 1]
+            if alone:
+                blocks.append(Text(f"Confounded: among complete trials, {a} = {', '.join(alone)} occurs with a single "
+                                   f"value of {b}, so their effects cannot be separated there."))
+    else:
+        blocks.append(Text("The study searches no discrete hyperparameter."))
+    return blocks
+
+
+def _name(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def curves(data: StudyData, folder: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(data.tracking_uri)
+    top = data.complete.dropna(subset=["run_id"]).head(CURVES)
+    hyper = hyperparameter_columns(data, top)
+    labels = {r.run_id: f"t{r.number:03d} (" + ", ".join(f"{k} {hyper[k][i]}" for k in hyper) + ")"
+              for i, r in zip(top.index, top.itertuples())}
+    lines = {labels[r]: metric_history(client, r, SCORE) for r in top.run_id}
+    blocks = [Heading("Learning curves"),
+              Image(plots.learning_curves(lines, SCORE, folder / "learning_curves.png"), "learning curves")]
+    losses = {f"t{n:03d}": (metric_history(client, r, "train/loss"), metric_history(client, r, "val/loss"))
+              for n, r in zip(top.number[:3], top.run_id[:3])}
+    blocks += [Heading("Train vs validation loss"), Image(plots.losses(losses, folder / "losses.png"), "losses")]
+    notes = [overfitting(name, train, val) for name, (train, val) in losses.items()]
+    return blocks + [Bullets([n for n in notes if n]) if any(notes) else
+                     Text("No overfitting among the top trials: their validation loss does not rise while the training "
+                          "loss falls.")]
+
+
+def overfitting(name: str, train: pd.Series, val: pd.Series) -> str | None:
+    """A sentence when the validation loss rises well above its minimum while the training loss keeps falling."""
+    if len(val) < 3 or val.empty or train.empty:
+        return None
+    low = val.idxmin()
+    if val.iloc[-1] > 1.2 * val.min() and train.iloc[-1] < train.loc[low]:
+        return (f"{name} overfits: its validation loss rose from {val.min():.3g} (epoch {low}) to {val.iloc[-1]:.3g} "
+                f"(epoch {val.index[-1]}) while its training loss fell from {train.loc[low]:.3g} to "
+                f"{train.iloc[-1]:.3g}; its checkpoint is the best-validation epoch, not the last.")
+    return None
