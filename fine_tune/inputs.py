@@ -29,6 +29,11 @@ class Inputs:
         """The splits and backbone checkpoint a run of `cfg` (a trial's or a re-run's config) trains on."""
         return self.splits[cfg.input_size()], self.backbones[cfg.model, cfg.input_size()][0]
 
+    def all_datasets(self) -> list[tuple[str, str, str, str]]:
+        """The datasets of every image size the study's trials can use."""
+        return [d for size, splits in self.splits.items()
+                for d in datasets(self.cfg.model_copy(update={"image_size": size}), splits)]
+
     def record(self, cfg: Config) -> tuple[str, list]:
         """What a run of `cfg` is made of, for `RunTracker.record`: its resolved config and its datasets."""
         return config_yaml(cfg), datasets(cfg, self.splits[cfg.input_size()])

@@ -293,6 +293,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     tracker = StudyTracker(cfg.study, uri)  # the parent run exists before any worker starts
     tracker.describe()
     tracker.define(definition(cfg, n_trials))
+    tracker.parent.log_datasets(inputs.all_datasets())  # before any worker: see RunTracker.log_datasets
     n = n_trials or cfg.sweep.n_trials or 10**9
     target = finished(study) + n
     max_trials = 2 * n + 10  # bounds a study whose trials keep failing

@@ -159,17 +159,26 @@ class RunTracker:
             self._artifacts().log_artifacts(tmp)
 
     @store_write
-    def record(self, config_yaml: str, datasets: list[tuple[str, str, str, str]]) -> None:
-        """What the run is made of: its resolved config as `config.yaml`, and its train / validation / test images as
-        MLflow dataset inputs (name, digest, context), which the UI's Dataset column shows."""
+    def log_datasets(self, datasets: list[tuple[str, str, str, str]]) -> None:
+        """Datasets (name, digest, context, source) as the run's inputs (the UI's Dataset column). MLflow creates a
+        dataset by check-then-insert, so two workers adding the same one at once make one fail on the unique key: it
+        tries once more (the launcher also logs the study's datasets on the parent before any worker starts)."""
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)._to_mlflow_entity(),
-                         tags=[InputTag("mlflow.data.context", context)])
-            for name, digest, context, source in datasets])
+        inputs = [DatasetInput(MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)
+                               ._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+                  for name, digest, context, source in datasets]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception:  # noqa: BLE001 - the other writer's dataset is there now; a second failure is real
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    @store_write
+    def record(self, config_yaml: str, datasets: list[tuple[str, str, str, str]]) -> None:
+        """What the run is made of: its resolved config as `config.yaml`, and its images as dataset inputs."""
+        self.log_datasets(datasets)
         self.log_texts({"config.yaml": config_yaml})
 
     @store_write

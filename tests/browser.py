@@ -31,7 +31,7 @@ class Page:
                                       "--remote-debugging-port=0", f"--window-size={width},{height}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = Path(self.profile.name) / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # fails at once if chromium exits; the bound is for a hang
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("chromium did not start")
@@ -70,7 +70,7 @@ class Page:
         out = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return out["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 60.0):
+    def wait_for(self, expression: str, timeout: float = 300.0):
         """Poll a JavaScript expression until it is truthy (the page's own progress, not a fixed sleep)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

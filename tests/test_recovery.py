@@ -44,13 +44,19 @@ def start_sweep(tmp_path, *args, **env):
                             env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, timeout=120.0):
+def wait_for(predicate, proc=None, timeout=900.0):
+    """Wait on the sweep's own progress: return as soon as `predicate` holds, fail at once if the sweep process
+    ended. The bound is only for a sweep that hangs: a loaded CI machine (2 cores, load 4+) once took more than the
+    two minutes a fixed wait allowed to reach epoch 3, so no fixed guess of its speed is made here."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():
             return True
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before the awaited moment: "
+                                 f"{proc.stderr.read()[-2000:]}")
         time.sleep(0.02)
-    raise AssertionError("timed out waiting")
+    raise AssertionError(f"the sweep made no progress to the awaited moment in {timeout:.0f} s")
 
 
 def running_trials(tmp_path, study_name: str, epochs: int = 1) -> list:
@@ -78,9 +84,9 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="stop", budget=1000, epochs=60, n_trials=1)
     state = tmp_path / "runs" / "trial_state" / "stop" / "t000.pt"
     proc = start_sweep(tmp_path)
-    wait_for(lambda: running_trials(tmp_path, "stop", epochs=3))  # a few epochs in
+    wait_for(lambda: running_trials(tmp_path, "stop", epochs=3), proc)  # a few epochs in
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == code, err
     assert word in err and "Traceback" not in err
 
@@ -95,7 +101,7 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
 
     # the next sweep picks the re-queued trial and continues its run from the last epoch
     proc = start_sweep(tmp_path)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     df, study = stores(tmp_path, "stop")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
@@ -108,10 +114,10 @@ def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny
     assert "RUNNING" not in set(df.status)
 
 
-def pid_running_a_trial(tmp_path, study_name: str) -> int:
+def pid_running_a_trial(tmp_path, study_name: str, proc) -> int:
     """The pid of a worker in the middle of a trial: past its first epoch checkpoint, as recorded by the trial."""
     states = tmp_path / "runs" / "trial_state" / study_name
-    wait_for(states.exists)  # the sweep has created its stores and started a trial
+    wait_for(states.exists, proc)  # the sweep has created its stores and started a trial
     storage = optuna_storage(f"sqlite:///{(tmp_path / 'runs').resolve()}/optuna.db")
     found = []
 
@@ -121,7 +127,7 @@ def pid_running_a_trial(tmp_path, study_name: str) -> int:
                     if "worker" in t.user_attrs and (states / f"t{t.number:03d}.pt").exists()]
         return bool(found)
 
-    wait_for(running)
+    wait_for(running, proc)
     return int(found[0].user_attrs["worker"].rsplit(":", 1)[1])
 
 
@@ -131,15 +137,15 @@ def test_a_worker_killed_mid_trial_is_failed_requeued_and_closed(tmp_path, tiny_
     write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="kill", budget=100, epochs=15, n_trials=6,
                      state_every_s=0)
     proc = start_sweep(tmp_path, "--workers", "2")
-    os.kill(pid_running_a_trial(tmp_path, "kill"), signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+    os.kill(pid_running_a_trial(tmp_path, "kill", proc), signal.SIGKILL)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 1 and "workers died" in err, err
 
     df, study = stores(tmp_path, "kill")
     states_now = [t.state.name for t in study.trials]
     assert "RUNNING" not in states_now and "RUNNING" not in set(df.status)
     finished = [s for s in states_now if s in ("COMPLETE", "PRUNED")]
-    assert len(finished) >= 6  # the surviving worker still delivered the requested trials
+    assert len(finished) >= 6, (states_now, err)  # the surviving worker still delivered the requested trials
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert len(failed) == 1
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
@@ -159,9 +165,9 @@ def test_ctrl_c_with_several_workers_closes_every_trial(tmp_path, tiny_backbone)
     proc = subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", "--workers", "2"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    wait_for(lambda: len(running_trials(tmp_path, "group", epochs=2)) >= 2)  # both workers mid-trial
+    wait_for(lambda: len(running_trials(tmp_path, "group", epochs=2)) >= 2, proc)  # both workers mid-trial
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130 and "Traceback" not in err, err
 
     df, study = stores(tmp_path, "group")

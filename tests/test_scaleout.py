@@ -94,7 +94,7 @@ def mlflow_server(pg_databases, tmp_path):
                             env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # fails at once if the server exits; the bound is for a hang
     while True:
         try:
             urllib.request.urlopen(url + "/health", timeout=2).read()
