@@ -12,7 +12,7 @@ DASHBOARD_PORT ?= 8080
 MLFLOW_TRACKING_URI ?= sqlite:///runs/mlflow.db
 OPTUNA_STORAGE ?= sqlite:///runs/optuna.db
 WORKERS ?=
-STUDY ?= $(shell sed -n 's/^study: *//p' $(EXPERIMENT) | tr -d "\"'")
+STUDY ?=
 STUDIES ?=
 TOP_K ?= 3
 SEEDS ?= 3
@@ -70,7 +70,7 @@ dashboard: venv ## optuna-dashboard over the same Optuna storage, on http://127.
 	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)
 
 report: venv ## write reports/<study>/report.{md,html} for EXPERIMENT's study (also logged to its MLflow parent run)
-	$(PY) -m analysis report --study $(STUDY) --config $(EXPERIMENT) $(ARGS)
+	$(PY) -m analysis report --config $(EXPERIMENT) $(if $(STUDY),--study '$(STUDY)') $(ARGS)
 
 confirm: data ## re-train the top TOP_K trials with SEEDS new seeds (then `make report` adds CIs and McNemar)
 	$(PY) -m fine_tune confirm --config $(EXPERIMENT) --top-k $(TOP_K) --seeds $(SEEDS)

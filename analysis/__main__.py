@@ -9,7 +9,6 @@ or has no finished trials ends with one line on stderr and exit code 2, before a
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from analysis.stats import RESAMPLES
 from analysis.stores import StoreError, load_study
+from fine_tune.cli import ArgumentParser, positive_int
 from fine_tune.config import ConfigError, load_config
 
 
@@ -56,7 +56,7 @@ def cmd_compare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description="Reports built from the sweep's stores.")
+    parser = ArgumentParser(prog="python -m analysis", description="Reports built from the sweep's stores.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("report", cmd_report, "report on one study"),
                             ("compare", cmd_compare, "compare several studies"),
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--runs-dir", help="the sweep's runs directory, holding optuna.db and mlflow.db (default: the "
                                           "config's, else runs; OPTUNA_STORAGE / MLFLOW_TRACKING_URI override)")
         p.add_argument("--out", type=Path, default=Path("reports"), help="where reports are written")
-        p.add_argument("--resamples", type=int, default=RESAMPLES,
+        p.add_argument("--resamples", type=positive_int, default=RESAMPLES,
                        help="bootstrap resamples for the confidence intervals of re-run trials")
     args = parser.parse_args(argv)
     if args.command == "compare" and len(args.studies) < 2:

@@ -13,8 +13,9 @@ from analysis.stores import StudyData
 
 
 def slug(name: str) -> str:
-    """A study name as a folder name."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    """A study name as a folder name: letters, digits, '_' and '-' only, so no name (a store may hold any, ".." too)
+    can climb out of the reports folder or name it."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in name)[:100] or "_"
 
 
 def fmt(value, spec: str) -> str:
@@ -29,7 +30,10 @@ def duration(seconds: float) -> str:
 
 @contextmanager
 def staged(folder: Path):
-    """A temporary sibling folder that replaces `folder` only once the report in it is complete."""
+    """A temporary sibling folder that replaces `folder` only once the report in it is complete. `folder` must be a
+    plain child of its parent: it is deleted and replaced, so it may never resolve to the parent or above."""
+    if folder.name in ("", ".", "..") or folder.resolve().parent != folder.parent.resolve():
+        raise ValueError(f"refusing to replace {folder}: not a plain folder inside {folder.parent}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -4,11 +4,11 @@ Bad input (config, data, checkpoint) ends with one line on stderr and exit code 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from fine_tune.checkpoints import CheckpointError
+from fine_tune.cli import ArgumentParser, positive_int
 from fine_tune.config import ConfigError, describe_keys, load_config
 from fine_tune.data import DataError
 from fine_tune.interrupts import Terminated
@@ -16,6 +16,19 @@ from fine_tune.stores import StorageError, TrackingError
 from fine_tune.workers import WorkerDied
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, TrackingError)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a full disk: ENOSPC, SQLite's "database or disk is full", or torch.save's
+    "basic_ios::clear: iostream error" on a file it could not finish."""
+    import errno
+
+    while e is not None:
+        text = str(e)
+        if getattr(e, "errno", None) == errno.ENOSPC or "disk is full" in text or "iostream error" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _config(args):
@@ -165,7 +178,7 @@ def cmd_keys(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fine_tune", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m fine_tune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, fn, help_ in (("data", cmd_data, "locate or install Fashion-MNIST"),
                             ("pretrain", cmd_pretrain, "pretrain the backbone on the source task (cached)"),
@@ -190,14 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == "rerun":
             p.add_argument("run_id", help="the MLflow run id to reproduce (a trial, re-run, train or curve run)")
         if name == "confirm":
-            p.add_argument("--top-k", type=int, default=3, help="how many of the best trials to re-train")
-            p.add_argument("--seeds", type=int, default=3, help="new seeds per trial")
+            p.add_argument("--top-k", type=positive_int, default=3, help="how many of the best trials to re-train")
+            p.add_argument("--seeds", type=positive_int, default=3, help="new seeds per trial")
             p.add_argument("--vary", choices=("seed", "backbone"), default="seed",
                            help="what each new seed changes: the fine-tuning only (seed), or the backbone's "
                                 "pretraining too (backbone: pretrained again per seed)")
         if name == "sweep":
-            p.add_argument("--n-trials", type=int, help="finished trials to add in this run (default: sweep.n_trials)")
-            p.add_argument("--workers", type=int, help="worker processes sharing the study (default: sweep.workers)")
+            p.add_argument("--n-trials", type=positive_int,
+                           help="finished trials to add in this run (default: sweep.n_trials)")
+            p.add_argument("--workers", type=positive_int,
+                           help="worker processes sharing the study (default: sweep.workers)")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
@@ -206,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except WorkerDied as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        print(f"error: the disk is full ({type(e).__name__}: {str(e).splitlines()[0][:120]}); runs in progress were "
+              "closed and the stores kept what they had; free some space and run the same command again",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)

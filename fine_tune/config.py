@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,11 +37,23 @@ class PretrainConfig(Strict):
     epochs: int = Field(5, gt=0, description="pretraining epochs")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate for pretraining")
     batch_size: int = Field(128, gt=0, description="pretraining batch size")
-    seed: int = Field(0, description="seed of the pretraining run: it alone decides the backbone (the fine-tuning "
-                                     "`seed` never retrains it)")
+    seed: int = Field(0, ge=0, lt=2**31, description="seed of the pretraining run: it alone decides the backbone (the "
+                                                     "fine-tuning `seed` never retrains it)")
     holdout_per_class: int = Field(0, ge=0, description="training images per class (after validation) kept out of "
                                                         "pretraining: a target of the same classes draws its labels "
                                                         "from them, so it never fine-tunes on a pretraining image")
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _study_name(name: str) -> str:
+    """A study name is a label that becomes folder names, an MLflow experiment and a registered model's name, and
+    goes into search filters: the characters all of them accept, and nothing a path could climb out with."""
+    if not STUDY_NAME.fullmatch(name):
+        raise ValueError(f"{name[:60]!r} is not a usable study name; use 1-100 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
 
 
 def _known_model(name: str) -> str:
@@ -75,14 +89,15 @@ class Hyperparameters(Strict):
                                  "(`python -m fine_tune models` lists them)")
     image_size: int | None = Field(None, ge=8, description="input images are resized to this square size "
                                                            "(default: the model's own, 28 for ours, 224 for torchvision's)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate")
     frozen_layers: int = Field(0, ge=0, description="freeze the first k backbone stages")
-    head_size: int = Field(0, ge=0, description="hidden units of the new head (0 = linear head)")
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
-    batch_size: int = Field(64, gt=0, description="training batch size")
-    epochs: int = Field(10, gt=0, description="maximum training epochs")
+    head_size: int = Field(0, ge=0, le=65536, description="hidden units of the new head (0 = linear head)")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="Adam weight decay")
+    batch_size: int = Field(64, gt=0, le=2**20, description="training batch size")
+    epochs: int = Field(10, gt=0, le=10**6, description="maximum training epochs")
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without val/f1_macro gain")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss (0 = none)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False,
+                                   description="label smoothing of the training loss (0 = none)")
 
 
 # One field per hyperparameter, derived: the search space cannot drift from what a run takes.
@@ -119,7 +134,8 @@ class SweepConfig(Strict):
     """How the Optuna study runs."""
 
     n_trials: int | None = Field(20, gt=0, description="trials to run in this invocation")
-    timeout: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                  description="stop starting trials after this many seconds")
     sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler (seeded by `seed`)")
     pruner: Literal["median", "halving", "hyperband", "none"] = Field("median", description="Optuna pruner")
     prune_startup_trials: int = Field(3, ge=0, description="median pruner: complete trials before pruning starts")
@@ -129,8 +145,17 @@ class SweepConfig(Strict):
     workers: int = Field(1, ge=1, description="worker processes sharing the study on this machine")
     heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(30, gt=0, description="seconds without a heartbeat before a trial is failed and retried")
-    state_every_s: float = Field(5.0, ge=0, description="save a running trial's resumable state at most this often, "
+    state_every_s: float = Field(5.0, ge=0, allow_inf_nan=False,
+                                 description="save a running trial's resumable state at most this often, "
                                  "in seconds (0 = every epoch); Ctrl-C / SIGTERM save it too")
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> "SweepConfig":
+        # a grace period of less than two heartbeats would let one late heartbeat fail a healthy trial
+        if self.grace_period < 2 * self.heartbeat_interval:
+            raise ValueError(f"grace_period ({self.grace_period} s) must be at least twice heartbeat_interval "
+                             f"({self.heartbeat_interval} s), or workers fail each other's healthy trials")
+        return self
 
 
 class CurveConfig(Strict):
@@ -152,15 +177,20 @@ class CurveConfig(Strict):
 class Config(Hyperparameters):
     """One fine-tuning run, or the fixed part of every trial in a sweep."""
 
-    study: str = Field("fine-tune", min_length=1, description="name of the study / MLflow experiment")
+    study: Annotated[str, AfterValidator(_study_name)] = Field(
+        "fine-tune", description="name of the study: the Optuna study, the MLflow experiment, the registered model and "
+                                 "folders under runs/ (1-100 letters, digits, '.', '_', '-'; starting with a letter or "
+                                 "digit)")
     data: DataConfig = Field(default_factory=DataConfig, description="which images (default Fashion-MNIST)")
     classes: list[StrictInt | StrictStr] | None = Field(None, description="class ids or names of the target task "
                                                                          "(null = all)")
     budget_per_class: int | None = Field(None, gt=0, description="labeled training images per class (null = all)")
     val_per_class: int = Field(600, gt=0, description="validation images per class, carved from training images")
     test_per_class: int | None = Field(None, gt=0, description="cap on test images per class (null = all 1000)")
-    data_seed: int = Field(0, description="seed for the budget and validation draw (fixed across trials)")
-    seed: int = Field(0, description="seed of the fine-tuning: initialisation of the head and batch order")
+    data_seed: int = Field(0, ge=0, lt=2**31, description="seed for the budget and validation draw (fixed across "
+                                                          "trials)")
+    seed: int = Field(0, ge=0, lt=2**31, description="seed of the fine-tuning: initialisation of the head and batch "
+                                                     "order (and of the sampler)")
     pretrain: PretrainConfig | None = Field(None, description="source task to pretrain the backbone on (null = none)")
     pretrained: str | None = Field(None, description="path of your own backbone checkpoint (overrides pretrain "
                                                      "and weights)")
@@ -249,17 +279,48 @@ def _check_classes(v: list[int | str]) -> list[int | str]:
     return v
 
 
+MAX_YAML_BYTES = 1 << 20
+MAX_ALIASES = 20  # an experiment needs few, if any; nested aliases ("billion laughs") expand exponentially
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _parse(text: str):
+    """The YAML document, refused before it is built when it holds more aliases than an experiment needs."""
+    aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+    if aliases > MAX_ALIASES:
+        raise yaml.YAMLError(f"{aliases} aliases (at most {MAX_ALIASES}): the file would expand enormously")
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read an experiment YAML (or just the defaults), apply `key=value` overrides, validate."""
     raw: dict[str, Any] = {}
     where = str(path) if path else "defaults"
     if path is not None:
         try:
-            text = Path(path).read_text()
+            if Path(path).stat().st_size > MAX_YAML_BYTES:
+                raise ConfigError(f"{where}: {Path(path).stat().st_size:,} bytes is not an experiment file (at most "
+                                  f"{MAX_YAML_BYTES:,}); check the path")
+            text = Path(path).read_bytes().decode("utf-8")
         except OSError as e:
             raise ConfigError(f"{where}: cannot read the experiment file ({e.strerror}); check the path") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = _parse(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -295,9 +356,9 @@ def _one_line(e: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         msg = "unknown key; check its spelling (python -m fine_tune keys lists the valid ones)"
     elif err["type"] == "literal_error":
-        msg = f"{msg} (got {err['input']!r})"
+        msg = f"{msg} (got {reprlib.repr(err['input'])})"
     elif "input" in err and err["type"] not in ("value_error", "missing"):
-        msg = f"{msg} (got {err['input']!r})"
+        msg = f"{msg} (got {reprlib.repr(err['input'])})"  # short: an input may be huge
     return f"{key}: {msg}"
 
 

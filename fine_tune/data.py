@@ -96,9 +96,10 @@ def prepare(data_dir: str | None = None, root: str | Path = "data") -> Path:
 
     root = Path(root)
     raw = root / "FashionMNIST" / "raw"
-    if (raw / "train-images-idx3-ubyte").is_file() and (raw / "t10k-labels-idx1-ubyte").is_file():
-        return root
     explicit = data_dir or os.environ.get("FINE_TUNE_DATA")
+    # an explicit folder is the user's choice: it is looked at first, even when data/ already holds a copy
+    if not explicit and (raw / "train-images-idx3-ubyte").is_file() and (raw / "t10k-labels-idx1-ubyte").is_file():
+        return root
     tried = []
     source = None
     if explicit:

@@ -64,6 +64,11 @@ def single_inputs(cfg: Config, splits: Splits, backbone: str | None, sha: str | 
 
 def resolve_inputs(cfg: Config, log: Callable[[str], None] = print) -> Inputs:
     """The data splits and backbones `cfg` and its search space describe (backbones made first if not cached)."""
+    from fine_tune.stores import check_writable
+    from fine_tune.train import check_device
+
+    check_device(cfg.device)
+    check_writable(cfg.runs_dir)
     if cfg.data.kind == "fashion_mnist":
         prepare_data(cfg.data_dir)
     space = cfg.search.dimensions() if cfg.search else {}

@@ -14,10 +14,10 @@ from fine_tune.data import splits_for
 from fine_tune.interrupts import interruptible
 from fine_tune.pretrain import backbone_for
 from fine_tune.provenance import differences, log_provenance
-from fine_tune.stores import check_reachable, mlflow_client, tracking_uri
+from fine_tune.stores import check_reachable, check_writable, mlflow_client, tracking_uri
 from fine_tune.inputs import single_inputs
 from fine_tune.tracking import PARENT_TAG, NullTracker, experiment_id, open_run, run_scope
-from fine_tune.train import Result, train
+from fine_tune.train import Result, check_device, train
 
 COMPARED = (("val/accuracy", "best/val/accuracy"), ("val/f1_macro", "best/val/f1_macro"),
             ("test/accuracy", "test/accuracy"), ("test/f1_macro", "test/f1_macro"))
@@ -49,6 +49,8 @@ def train_once(cfg: Config, track: bool, on_epoch: Callable | None = None, log: 
                ) -> tuple[Result, str | None]:
     """`make train`: the backbone (first: a missing weights file fails before the data is read), the splits, then
     one run, tracked unless `track` is false."""
+    check_device(cfg.device)
+    check_writable(cfg.runs_dir)
     backbone = backbone_for(cfg, log)
     splits = splits_for(cfg)
     log(f"{cfg.study}: {cfg.model} on classes {', '.join(splits.class_names)} | train {len(splits.train)} / val "

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a YAML `true` is not taken for 1, nor 2.5 for an integer (an int still counts as a float)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 GRID_POINTS = 5  # a grid over a continuous (or long integer) range takes this many points

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import os
+import sqlite3
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +54,64 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "start it (`make server`) or fix MLFLOW_TRACKING_URI") from None
 
 
+def check_writable(runs_dir: str | Path) -> None:
+    """The runs directory must take files (a read-only mount, a folder of another user's): one line, before
+    anything is created."""
+    path = Path(runs_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # tried without creating anything
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise StorageError(f"runs_dir {path} is not writable ({e.strerror}); point runs_dir at a writable folder or "
+                           "fix its permissions") from None
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def check_sqlite(url: str, what: str, created_by: str) -> None:
+    """An existing SQLite store must be a whole one: not a file of another kind, not left half-created by a first
+    sweep that was stopped while it built its tables (that left a traceback on every later sweep)."""
+    path = _sqlite_path(url)
+    if path is None or not path.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise StorageError(f"{what} {path} is not a usable SQLite database ({e}); move it aside, or delete it if it "
+                           "holds nothing you need, and run again") from None
+    if any(t.startswith("_alembic_tmp_") for t in tables) or (tables and "alembic_version" not in tables):
+        raise StorageError(f"{what} {path} was left half-created (its tables were being built when {created_by} "
+                           "was stopped); delete it (a new one is made) unless it holds runs you need")
+
+
+def create_atomically(url: str, create) -> None:
+    """Make a new SQLite store whole or not at all: `create(temp_url)` builds it in a temporary file beside it, which
+    is linked into place only when complete. A Ctrl-C or a kill meanwhile leaves no half-made store, and of two
+    sweeps starting at once one links its file and the other's is dropped."""
+    path = _sqlite_path(url)
+    if path is None or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)  # the store is built from nothing, under this free name
+    try:
+        create(f"sqlite:///{tmp}")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another sweep made it first: theirs is whole too
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(tmp + suffix).unlink(missing_ok=True)
+
+
 def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
     """WAL lets readers work beside a writer (several workers on one machine), and synchronous=NORMAL drops the
     fsync per commit that made each per-epoch log call cost milliseconds; a crashed process loses nothing."""
@@ -77,8 +137,14 @@ def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
     instead of staying RUNNING."""
     import optuna
 
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_sqlite(url, "Optuna storage", "a sweep")
+
+    def create(temp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RDBStorage(temp).engine.dispose()  # journal mode DELETE: all of it in the one file
+
+    create_atomically(url, create)
     # SQLite serialises writers; with several local workers a write may wait, so wait long instead of failing.
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
@@ -98,6 +164,14 @@ def mlflow_client(uri: str):
     """An MLflow client on `uri`, its SQLite engine tuned like Optuna's."""
     from mlflow.tracking import MlflowClient
 
+    check_sqlite(uri, "MLflow store", "a first run")
+
+    def create(temp: str) -> None:
+        made = MlflowClient(temp)
+        for store in (made._tracking_client.store, made._get_registry_client().store):  # creates the tables
+            store.engine.dispose()
+
+    create_atomically(uri, create)
     client = MlflowClient(uri)
     # MLflow keeps one engine per URI for runs and another for the registry (private attributes: if a later MLflow
     # renames them, its stores just keep SQLite's defaults)

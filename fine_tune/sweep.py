@@ -21,7 +21,7 @@ from fine_tune.config import Config, ConfigError
 from fine_tune.inputs import Inputs, resolve_inputs
 from fine_tune.interrupts import interruptible
 from fine_tune.search import make_pruner, make_sampler, suggest
-from fine_tune.stores import check_reachable, optuna_storage, optuna_url, tracking_uri
+from fine_tune.stores import check_reachable, check_sqlite, optuna_storage, optuna_url, tracking_uri
 from fine_tune.tracking import RunTracker, StudyTracker, run_scope
 from fine_tune.train import Result, train
 from fine_tune.train import warm_up as train_warm_up
@@ -288,6 +288,7 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     # then the study and its parent run.
     uri = tracking_uri(cfg.runs_dir)
     check_reachable(uri)
+    check_sqlite(uri, "MLflow store", "a first run")  # before the Optuna study exists: a broken store writes nothing
     inputs = resolve_inputs(cfg, log)
     study = open_study(cfg)
     tracker = StudyTracker(cfg.study, uri)  # the parent run exists before any worker starts

@@ -330,7 +330,12 @@ class StudyTracker:
         """Continue a trial's run after its worker died: the retry logs into the same run."""
         self.client.update_run(run_id, status="RUNNING")
         run = RunTracker(self.client, run_id)
-        run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number})
+        tags = self.client.get_run(run_id).data.tags
+        for stale in ("fine_tune.reason", "fine_tune.outcome"):  # why the attempt before stopped: not this one's
+            if stale in tags:
+                self.client.delete_tag(run_id, stale)
+        run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number,
+                      "fine_tune.retried_after": tags.get("fine_tune.reason", "")[:250]})
         return run
 
     @store_write

@@ -50,6 +50,17 @@ def warm_up() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
+def check_device(name: str) -> None:
+    """A device the config names must be on this machine: one line now, not a traceback in the first trial."""
+    from fine_tune.config import ConfigError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda is not available on this machine (no GPU or no CUDA build of torch); use "
+                          "device: auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: mps is not available on this machine (Apple silicon only); use device: auto or cpu")
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)

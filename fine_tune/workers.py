@@ -59,13 +59,28 @@ class CloseStaleTrial:
             self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and self.tracking_uri:
-            close_run(self.tracking_uri, run_id, "FAILED", "FAIL",
-                      f"worker stopped heartbeating during trial {trial.number}; the trial was re-queued")
+        if self.tracking_uri:
+            for run_id in runs_of_trial(self.tracking_uri, study.study_name, trial):
+                close_run(self.tracking_uri, run_id, "FAILED", "FAIL",
+                          f"worker stopped heartbeating during trial {trial.number}; the trial was re-queued")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry(study, trial)
+
+
+def runs_of_trial(uri: str, study_name: str, trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The MLflow runs of a trial whose worker died: the one it recorded, and any RUNNING run tagged with its number
+    (a worker killed between creating the run and recording its id leaves one only the tag finds)."""
+    from fine_tune.stores import mlflow_client
+
+    found = {trial.user_attrs["mlflow_run_id"]} if trial.user_attrs.get("mlflow_run_id") else set()
+    client = mlflow_client(uri)
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is not None:
+        found |= {r.info.run_id for r in client.search_runs(
+            [experiment.experiment_id], f"tags.`optuna.trial_number` = '{trial.number}' and "
+                                        f"tags.`fine_tune.role` = 'trial' and attributes.status = 'RUNNING'")}
+    return sorted(found)
 
 
 def reap(study: optuna.Study) -> None:

@@ -279,3 +279,21 @@ def test_mcnemar_bootstrap_and_pareto_on_known_inputs():
 
     df = pd.DataFrame({"size": [10, 10, 20, 30, 40], "score": [0.5, 0.6, 0.55, 0.7, 0.7]})
     assert list(stats.pareto_front(df, "size", "score")) == [False, True, False, True, False]
+
+
+def test_a_study_name_never_makes_the_report_replace_anything_outside_its_folder(tmp_path):
+    """Item 1: `--study ..` used to delete the parent of --out (the checkout). Names become plain folder names, and
+    the staged write refuses any folder that is not a plain child of its parent."""
+    from analysis.format import slug, staged
+
+    assert slug("..") == "__" and slug(".") == "_" and slug("") == "_" and slug("a/../b") == "a____b"
+    (tmp_path / "keep").write_text("the checkout")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "link").symlink_to(tmp_path)  # a name that resolves to the checkout
+    for folder in (tmp_path / "reports" / "..", tmp_path / "reports" / "link"):
+        with pytest.raises(ValueError, match="not a plain folder"):
+            with staged(folder):
+                pass
+    assert (tmp_path / "keep").read_text() == "the checkout"
+    assert main(["report", "--study", "..", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "keep").exists()

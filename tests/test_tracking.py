@@ -106,3 +106,15 @@ def test_a_retry_logs_each_epoch_once(tracker):
         assert sorted(m.step for m in points) == [1, 2, 3, 4, 5]
         assert all(m.value == history[m.step - 1][key] for m in points)
 
+
+
+def test_a_retry_that_completes_does_not_keep_the_reason_of_the_attempt_before(tracker):
+    """Item 16: the run of a trial whose worker died is closed FAILED with the reason; the retry continues it and
+    ends complete, with that reason kept only as `fine_tune.retried_after`."""
+    run = tracker.start_trial(0, {"lr": 0.01})
+    run.end("FAILED", "FAIL", "worker stopped heartbeating during trial 0; the trial was re-queued")
+    retry = tracker.reopen(run.run_id, 1)
+    retry.end("FINISHED", "COMPLETE")
+    tags = tracker.client.get_run(run.run_id).data.tags
+    assert "fine_tune.reason" not in tags and tags["fine_tune.outcome"] == "complete"
+    assert tags["fine_tune.retried_after"].startswith("worker stopped heartbeating")
