@@ -21,7 +21,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from analysis.stats import RESAMPLES
 from analysis.stores import StoreError, load_study
 from fine_tune.cli import ArgumentParser, positive_int
-from fine_tune.config import ConfigError, load_config
+from fine_tune.config import ConfigError
+from fine_tune.experiment import load_config
 
 
 def cmd_report(args) -> int:

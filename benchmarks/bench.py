@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fine_tune import checkpoints, features
-from fine_tune.config import Config, load_config
+from fine_tune.config import Config
+from fine_tune.experiment import load_config
 from fine_tune.data import prepare as prepare_data
 from fine_tune.data import splits_for
 from fine_tune.models import build_model

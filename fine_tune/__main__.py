@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fine_tune.checkpoints import CheckpointError
 from fine_tune.cli import ArgumentParser, positive_int
-from fine_tune.config import ConfigError, describe_keys, load_config
+from fine_tune.config import ConfigError, describe_keys
+from fine_tune.experiment import load_config
 from fine_tune.data import DataError
 from fine_tune.interrupts import Terminated
 from fine_tune.stores import StorageError, TrackingError

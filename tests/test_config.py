@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from fine_tune.__main__ import main
-from fine_tune.config import Config, load_config
+from fine_tune.config import Config
+from fine_tune.experiment import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,8 @@ import random
 import optuna
 import pytest
 
-from fine_tune.config import Config, ConfigError, Hyperparameters, SearchSpace, load_config
+from fine_tune.config import Config, ConfigError, Hyperparameters, SearchSpace
+from fine_tune.experiment import load_config
 from fine_tune.search import CompleteTrialsOnce, grid, make_sampler, suggest
 
 

@@ -118,7 +118,7 @@ def test_a_weights_file_that_matches_its_name_becomes_the_backbone(tmp_path, tor
     files: checked, read with weights_only=True, cut into stages and saved as our backbone checkpoint."""
     import torchvision
 
-    from fine_tune.config import load_config
+    from fine_tune.experiment import load_config
     from fine_tune.pretrain import backbone_for
 
     torch_home.mkdir(parents=True)
