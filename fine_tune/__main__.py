@@ -7,14 +7,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fine_tune.checkpoints import CheckpointError
 from fine_tune.cli import ArgumentParser, positive_int
-from fine_tune.config import ConfigError, describe_keys
-from fine_tune.experiment import load_config
-from fine_tune.data import DataError
+from fine_tune.errors import CheckpointError, ConfigError, DataError, StorageError, TrackingError, WorkerDied
 from fine_tune.interrupts import Terminated
-from fine_tune.stores import StorageError, TrackingError
-from fine_tune.workers import WorkerDied
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, TrackingError)
 
@@ -33,6 +28,8 @@ def disk_full(e: BaseException) -> bool:
 
 
 def _config(args):
+    from fine_tune.experiment import load_config
+
     return load_config(args.config, args.set or ())
 
 
@@ -174,6 +171,8 @@ def cmd_ui(args) -> int:
 
 
 def cmd_keys(args) -> int:
+    from fine_tune.config import describe_keys
+
     print("config keys (YAML or --set key=value):\n" + describe_keys())
     return 0
 

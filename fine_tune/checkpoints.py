@@ -10,10 +10,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from fine_tune.errors import CheckpointError  # noqa: F401 - raised here, caught by the CLI
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is unreadable or does not fit the model; the message names the file and the fix."""
 
 
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:

@@ -16,15 +16,13 @@ from pydantic import (AfterValidator, Field, StrictInt, StrictStr, TypeAdapter, 
 
 from fine_tune import archs
 from fine_tune.space import Choices, Dimension, Strict, dimension_type
+from fine_tune.errors import ConfigError  # noqa: F401 - modules take it from here with the config
 
 # Fashion-MNIST is fixed: 6,000 training and 1,000 test images per class.
 NUM_CLASSES = 10
 TRAIN_PER_CLASS = 6000
 TEST_PER_CLASS = 1000
 
-
-class ConfigError(ValueError):
-    """A bad experiment file or override; its message is the one line the user sees."""
 
 
 class PretrainConfig(Strict):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from fine_tune.errors import DataError  # noqa: F401 - raised here, caught by the CLI
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -30,9 +31,6 @@ FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 TEST_SHARE = 0.2  # of each class, when an image folder has no test/ and test_per_class is not set
 
-
-class DataError(RuntimeError):
-    """The data could not be found or read; the message says what was tried and how to fix it."""
 
 
 @dataclass(frozen=True)

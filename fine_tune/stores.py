@@ -13,14 +13,9 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
+from fine_tune.errors import StorageError, TrackingError  # noqa: F401 - raised here, caught by the CLI
 
 
-class StorageError(RuntimeError):
-    """The Optuna storage cannot be reached; the message names the URL and the fix."""
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached; the message names the URI and the fix."""
 
 
 def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:

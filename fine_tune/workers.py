@@ -20,12 +20,10 @@ from optuna.trial import TrialState
 
 from fine_tune.stores import trial_counts
 from fine_tune.tracking import RunTracker, StudyTracker, close_run
+from fine_tune.errors import WorkerDied  # noqa: F401 - raised here, caught by the CLI
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-
-class WorkerDied(RuntimeError):
-    """A worker process ended abnormally (killed, out of memory)."""
 
 
 def worker_id() -> str:

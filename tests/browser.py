@@ -8,7 +8,9 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -26,10 +28,12 @@ class Page:
     """One tab of a headless Chromium; every method waits for its answer."""
 
     def __init__(self, width: int = 1600, height: int = 1000):
-        self.profile = tempfile.TemporaryDirectory()
+        # Chromium's helper processes (renderer, crashpad) can still write into the profile after the main one
+        # exits: they run in their own process group so close() can end them all before the folder is removed.
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={self.profile.name}",
                                       "--remote-debugging-port=0", f"--window-size={width},{height}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         port_file = Path(self.profile.name) / "DevToolsActivePort"
         deadline = time.monotonic() + 300  # fails at once if chromium exits; the bound is for a hang
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
@@ -88,8 +92,22 @@ class Page:
     def close(self) -> None:
         self.loop.run_until_complete(self.session.close())
         self.loop.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        # A helper can outlive the main process by a moment; retry until the folder stays removed.
+        for _ in range(50):
+            shutil.rmtree(self.profile.name, ignore_errors=True)
+            if not Path(self.profile.name).exists():
+                break
+            time.sleep(0.1)
         self.profile.cleanup()
 
     def __enter__(self) -> "Page":
