@@ -82,10 +82,16 @@ curve: data ## label-efficiency curve of EXPERIMENT (fine-tuned vs from scratch 
 compare: venv ## compare studies side by side: make compare STUDIES="a b" -> reports/compare-a-b/
 	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)
 
-bench: data ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning) -> reports/bench.md
+# The peer sweep of `make bench` (k) needs optuna-integration: installed for the benchmark only, beside the venv.
+BENCH_DEPS := .bench-deps/.installed-optuna-integration-5.0.0
+$(BENCH_DEPS): $(STAMP)
+	$(PY) -m pip install -q --no-deps --target .bench-deps optuna-integration==5.0.0
+	@touch $@
+
+bench: data $(BENCH_DEPS) ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning, start-up, load, the peer) -> reports/bench.md (ARGS="--only startup,load")
 	$(PY) -m benchmarks.bench $(EXPERIMENT) $(ARGS)
 
-test: data ## run the test suite (real data slices, real stores)
+test: data $(BENCH_DEPS) ## run the test suite (real data slices, real stores)
 	$(PY) -m pytest -q $(ARGS)
 
 clean: ## delete generated runs and reports (keeps the venv and the data)

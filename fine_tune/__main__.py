@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fine_tune import threads  # first: it notes how busy the machine is from here on (see threads.busy_elsewhere)
 from fine_tune.cli import ArgumentParser, positive_int
 from fine_tune.errors import CheckpointError, ConfigError, DataError, StorageError, TrackingError, WorkerDied
 from fine_tune.interrupts import Terminated
@@ -28,15 +29,19 @@ def disk_full(e: BaseException) -> bool:
 
 
 def _config(args):
+    """The validated config, read before a verb imports torch, Optuna or MLflow: a bad file answers at once."""
     from fine_tune.experiment import load_config
 
-    return load_config(args.config, args.set or ())
+    cfg = load_config(args.config, args.set or ())
+    workers = (getattr(args, "workers", None) or cfg.sweep.workers) if args.verb == "sweep" else 1
+    threads.configure(cfg, workers)  # before torch is imported: OpenMP reads its wait policy once
+    return cfg
 
 
 def cmd_data(args) -> int:
+    cfg = _config(args)
     from fine_tune import data
 
-    cfg = _config(args)
     where = cfg.data.root if cfg.data.kind == "imagefolder" else f"{data.prepare(cfg.data_dir)}/FashionMNIST"
     source = data.source_for(cfg)
     counts = ", ".join(f"{len(p.y)} {name}" for name, p in (("training", source.train), ("validation", source.val),
@@ -58,9 +63,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    cfg = _config(args)
     from fine_tune.pretrain import backbone_for
 
-    cfg = _config(args)
     if cfg.pretrain is None and not cfg.pretrained:
         raise ConfigError(f"{args.config}: pretrain: not set, so there is nothing to pretrain; add a `pretrain:` section")
     print(f"backbone: {backbone_for(cfg)}")
@@ -79,10 +84,9 @@ def print_table(result) -> None:
 
 
 def cmd_train(args) -> int:
+    cfg = _config(args)
     from fine_tune import checkpoints
     from fine_tune.runs import train_once
-
-    cfg = _config(args)
 
     def progress(epoch: int, m: dict) -> None:
         print(f"epoch {epoch:3d}/{cfg.epochs}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
@@ -115,9 +119,9 @@ def cmd_rerun(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    cfg = _config(args)
     from fine_tune.sweep import run_sweep, summary, top_table
 
-    cfg = _config(args)
     study = run_sweep(cfg, args.n_trials, args.workers or cfg.sweep.workers)
     s = summary(study)
     print(f"\n{cfg.study}: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed"
@@ -129,18 +133,18 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_confirm(args) -> int:
+    cfg = _config(args)
     from fine_tune.confirm import confirm
 
-    cfg = _config(args)
     added = confirm(cfg, args.top_k, args.seeds, vary=args.vary)
     print(f"{added} re-runs added to {cfg.study}; `make report` now shows mean ± std, 95% CIs and McNemar's test")
     return 0
 
 
 def cmd_curve(args) -> int:
+    cfg = _config(args)
     from fine_tune.curve import run_curve
 
-    cfg = _config(args)
     added = run_curve(cfg)
     print(f"{added} runs added to {cfg.study}-curve; `python -m analysis curve --config {args.config}` (make curve "
           "does both) writes the plot and the table")

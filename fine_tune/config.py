@@ -194,6 +194,9 @@ class Config(Hyperparameters):
                                                   "DEFAULT (cached under $TORCH_HOME/hub/checkpoints)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="device (auto: cuda > mps > cpu)")
     amp: bool = Field(False, description="bf16 autocast on CUDA (ignored elsewhere)")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads per training process (null = auto: 1 "
+                                                                 "for our small models, the process's share of the "
+                                                                 "cores for torchvision's; FINE_TUNE_THREADS too)")
     cache_features: bool = Field(True, description="compute frozen layers' outputs once and train only the rest")
     data_dir: str | None = Field(None, description="where Fashion-MNIST is kept (default: $FINE_TUNE_DATA or data/)")
     runs_dir: str = Field("runs", description="where stores, checkpoints and caches are written")

@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 from typing import Callable
 
-import sklearn
+import numpy as np
 import torch
 
 from fine_tune import checkpoints
@@ -97,7 +97,7 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> Path:
             "data_fingerprint": splits.fingerprint, "config_hash": cfg.pretrain_key(),
             "sha256": checkpoints.file_sha256(path),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "sklearn": sklearn.__version__}}
+                         "numpy": np.__version__}}
     checkpoints.save_json(meta, path.with_suffix(".json"))
     log(f"pretrained backbone: saved {path} (source val accuracy {meta['source_val_accuracy']:.4f})")
     return path

@@ -20,15 +20,19 @@ CHAMPION = "champion"
 def _fluent_uri(uri: str):
     """MLflow's fluent API (log_model, register_model) at `uri`, leaving the process's setting as it was:
     `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, which `stores.tracking_uri` reads as the user's
-    choice."""
+    choice. An experiment the process set with `mlflow.set_experiment` (a notebook, another integration) is set aside
+    meanwhile: `start_run(run_id=...)` refuses a run of any other experiment."""
     import mlflow
+    from mlflow.tracking import fluent
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before, experiment = os.environ.get("MLFLOW_TRACKING_URI"), fluent._active_experiment_id
     mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = None
     try:
         yield
     finally:
         mlflow.set_tracking_uri(before)
+        fluent._active_experiment_id = experiment
 
 
 def champion(client, name: str):

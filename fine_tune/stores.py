@@ -13,9 +13,12 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
+
 from fine_tune.errors import StorageError, TrackingError  # noqa: F401 - raised here, caught by the CLI
 
-
+# MLflow draws a progress bar on stderr for every artifact it downloads (a champion's checkpoint, a re-run's config);
+# the Makefile turned it off, `python -m fine_tune` did not. A user's own setting still wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from fine_tune import figures
+from fine_tune import figures, threads
 from fine_tune.config import Config, ConfigError
 from fine_tune.inputs import Inputs, resolve_inputs
 from fine_tune.interrupts import interruptible
@@ -256,12 +256,10 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
         bar.close()
 
 
-def _worker_process(inputs: Inputs, target: int, max_trials: int, threads: int, worker: int) -> None:
-    """A spawned worker: its own study and tracker objects (connections are per process), on the inputs and tracking
-    URI the launcher resolved."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _worker_process(inputs: Inputs, target: int, max_trials: int, workers: int, worker: int) -> None:
+    """A spawned worker, one of `workers`: its own study and tracker objects (connections are per process), on the
+    inputs and tracking URI the launcher resolved. Each trial sets its thread count from this share (threads.py)."""
+    threads.share(workers)
     # Ctrl-C reaches the whole process group; the launcher turns it into one SIGTERM per worker, so a worker
     # ignores SIGINT rather than being interrupted twice in the middle of closing its trial.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

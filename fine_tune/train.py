@@ -15,14 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import classification_report, confusion_matrix
 
-from fine_tune import checkpoints
+from fine_tune import checkpoints, threads
 from fine_tune.archs import SMALL
 from fine_tune.config import Config
 from fine_tune.data import Split, Splits, splits_for
 from fine_tune.features import frozen_features
-from fine_tune.metrics import accuracy, macro_f1
+from fine_tune.metrics import accuracy, confusion, macro_f1, per_class_report
 from fine_tune.models import Net, build_model, count_params, inference_batch
 from fine_tune.tracking import NullTracker, Tracker
 
@@ -142,6 +141,7 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
     there continues after that epoch instead of starting over.
     """
     tracker = tracker or NullTracker()
+    n_threads = threads.apply(cfg)
     splits = splits or splits_for(cfg)
     device = pick_device(cfg.device)
     model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
@@ -238,16 +238,14 @@ def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None
                 pass
         raise
     y_test = splits.test.y.numpy()
-    labels = list(range(len(splits.class_names)))
-    report = classification_report(y_test, test_pred, labels=labels, target_names=splits.class_names,
-                                   output_dict=True, zero_division=0)
+    report = per_class_report(y_test, test_pred, splits.class_names)
     best = history[best_epoch - 1]
     metrics = {k: best[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
     metrics |= scores("test", y_test, test_pred)
     metrics |= {"best_epoch": best_epoch, "epochs_run": len(history), "trainable_params": count_params(model),
-                "time/train_s": sum(h["time/epoch_s"] for h in history)}
+                "time/train_s": sum(h["time/epoch_s"] for h in history), "threads": n_threads}
     return Result("finished", metrics, history,
                   per_class_f1={name: report[name]["f1-score"] for name in splits.class_names}, report=report,
-                  confusion=confusion_matrix(y_test, test_pred, labels=labels).tolist(),
+                  confusion=confusion(y_test, test_pred, len(splits.class_names)).tolist(),
                   class_names=splits.class_names, test_true=y_test.tolist(), test_pred=test_pred.tolist(), best_epoch=best_epoch,
                   model=model.cpu())

@@ -31,11 +31,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def threads_per_worker(workers: int) -> int:
-    """Torch threads for each of `workers` processes sharing this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def finished(study: optuna.Study) -> int:
     return sum(trial_counts(study)[s] for s in FINISHED)
 
@@ -227,13 +222,12 @@ def work(study: optuna.Study, objective, lock: ClaimLock, target: int, max_trial
 
 def run_processes(main: Callable, args: tuple, workers: int, study: optuna.Study, target: int, grace_s: float,
                   progress) -> None:
-    """Run `main(*args, threads, worker_number)` in `workers` spawned processes until they end; `progress(n)` is
+    """Run `main(*args, workers, worker_number)` in `workers` spawned processes until they end; `progress(n)` is
     given the study's finished count every second. Ctrl-C stops every worker (each closes its own trial). Workers
     that died leave trials whose heartbeat goes stale: after `grace_s` they are reaped (failed, their runs closed,
     re-queued) and WorkerDied says so."""
     ctx = multiprocessing.get_context("spawn")  # no forked torch/sqlite state shared between workers
-    threads = threads_per_worker(workers)
-    procs = [ctx.Process(target=main, args=(*args, threads, i + 1)) for i in range(workers)]
+    procs = [ctx.Process(target=main, args=(*args, workers, i + 1)) for i in range(workers)]
     for p in procs:
         p.start()
     try:

@@ -18,7 +18,7 @@ def test_quick_bench_writes_every_figure(tmp_path):
     figures = json.loads((tmp_path / "bench.json").read_text())
     for key in ("a_tutorial_s_per_epoch", "b_ours_b64", "c_frozen1_uncached", "c_frozen1_cached",
                 "c_frozen2_uncached", "c_frozen2_cached", "d_ours_b256", "e_tracking_typical_trial",
-                "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision"):
+                "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision", "i_startup", "j_load", "k_peer"):
         assert key in figures, key
     positive = [figures["a_tutorial_s_per_epoch"]["median"], figures["b_ours_b64"]["speedup_vs_a"],
                 figures["d_ours_b256"]["floor_s"], figures["f_workers"]["speedup"],
@@ -28,7 +28,16 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in positive), positive
     assert figures["g_pruning"]["epochs_with_pruner"]["median"] <= figures["g_pruning"]["epochs_without"]["median"]
     md = (tmp_path / "bench.md").read_text()
-    assert md.count("\n| (") == 16 and "tutorial loop" in md and "resnet18 at 32 px" in md
+    start = figures["i_startup"]
+    assert 0 < start["to_first_trial_s"] < start["sweep_wall_s"] and start["import_profile_s"]["torch"] > 0
+    assert all(v > 0 for v in start["instant_s"].values())
+    load = figures["j_load"]["simplenet"]["s"]
+    assert set(load) == {"old_idle", "old_loaded", "new_idle", "new_loaded"} and all(v > 0 for v in load.values())
+    peer = figures["k_peer"]  # `make test` installs optuna-integration for it, as `make bench` does
+    assert peer["peer"]["trials"] == peer["ours"]["trials"] == peer["trials"] and peer["speedup_per_trial"] > 0
+    assert peer["peer_holds"]["trial_runs"] == peer["ours_holds"]["trial_runs"] == peer["trials"]
+    assert peer["ours_holds"]["nested"] and not peer["peer_holds"]["nested"]
+    assert md.count("\n| (") == 15 + 3 + 1 + 2 and "tutorial loop" in md and "resnet18 at 32 px" in md
 
 
 def test_steady_rate_counts_only_the_window_where_every_worker_runs_trials():

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from fine_tune import checkpoints
@@ -110,6 +111,29 @@ def test_epoch_scores_equal_sklearns(tiny):
         assert got["val/accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
         assert got["val/f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0),
                                                     abs=1e-12)
+
+
+def test_per_class_report_and_confusion_equal_sklearns(tiny):
+    """The run's test report and confusion matrix are counted without sklearn (its import costs every training
+    process ~0.9 s); they must be sklearn's, including a class never predicted and a class with no test image."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from fine_tune.metrics import confusion, per_class_report
+
+    cfg = tiny(epochs=1)
+    splits = splits_for(cfg)
+    result = train(cfg, splits)
+    y, pred = np.array(result.test_true), np.array(result.test_pred)
+    names = splits.class_names
+    for y_true, y_pred in [(y, pred), (y, (pred + 1) % 5), (y, pred.clip(max=3)), (y[y != 2], pred[y != 2])]:
+        want = classification_report(y_true, y_pred, labels=list(range(5)), target_names=names, output_dict=True,
+                                     zero_division=0)
+        got = per_class_report(y_true, y_pred, names)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-12), key
+        assert confusion(y_true, y_pred, 5).tolist() == confusion_matrix(y_true, y_pred, labels=list(range(5))).tolist()
+    assert result.report == per_class_report(y, pred, names)
 
 
 def test_cloned_state_is_untouched_by_later_training_steps():
