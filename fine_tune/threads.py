@@ -4,8 +4,9 @@ PyTorch's default (one OpenMP thread per core, threads that spin while they wait
 idle machine and wrong next to other work: when another process holds a core, a spinning thread burns its share
 waiting for one that is not running. Measured on 2 cores next to two CPU-bound processes (make bench (j)):
 
-- our own models (SimpleNet, the CNN: ~100k parameters) gain ~1.2x from a second thread when the machine is idle and
-  lose 3-15x with it when it is busy, so they train on one thread;
+- our own models (SimpleNet, the CNN: ~100k parameters) gain 1.2-2x from a second thread when the machine is idle
+  and lose 3-15x with it when it is busy, so they train on their share of the cores while no other process keeps a
+  core busy, on one thread otherwise, decided again before every run (what the machine did during the last one);
 - a torchvision backbone gains ~1.9x from a second thread, so it gets its share of the cores (cores / workers); if
   other processes already keep a core busy when the process starts, its threads sleep while they wait
   (OMP_WAIT_POLICY=PASSIVE: ResNet-18 2.2x faster than spinning next to the load, 1.3x slower on an idle machine,
@@ -90,12 +91,28 @@ def share(workers: int) -> None:
     _workers = max(1, workers)
 
 
-def count(model: str, workers: int | None = None, setting: int | None = None) -> int:
-    """Threads for training `model` in one of `workers` processes (default: this process's share) on this machine."""
+def count(model: str, workers: int | None = None, setting: int | None = None, busy: float | None = None) -> int:
+    """Threads for training `model` in one of `workers` processes (default: this process's share) on this machine.
+    Our small models get the share only while no other process keeps a core busy (`busy`: measured since the last
+    decision when not given), one thread otherwise."""
     fixed = override(setting)
     if fixed is not None:
         return fixed
-    return 1 if model in SMALL else max(1, cores() // (workers or _workers))
+    share_ = max(1, cores() // (workers or _workers))
+    if model not in SMALL or share_ == 1:
+        return share_
+    return share_ if (busy_since_last() if busy is None else busy) < 1.0 else 1
+
+
+_last = _START
+
+
+def busy_since_last() -> float:
+    """Cores other processes kept busy since the previous call (the first: since this module's import), so each run
+    of a sweep decides on what the machine did during the run before it."""
+    global _last
+    busy, _last = busy_elsewhere(_last), snapshot()
+    return busy
 
 
 def wait_policy(models: list[str], workers: int = 1, setting: int | None = None,
@@ -104,7 +121,9 @@ def wait_policy(models: list[str], workers: int = 1, setting: int | None = None,
     other processes keep at least one core busy; None to leave OpenMP's default (or the user's choice)."""
     if "OMP_WAIT_POLICY" in os.environ or override(setting) is not None:
         return None
-    if max(count(m, workers, setting) for m in models) < 2:
+    # our small models drop to one thread on a busy machine, so only a torchvision model's threads would wait
+    large = [m for m in models if m not in SMALL]
+    if not large or max(count(m, workers, setting) for m in large) < 2:
         return None
     return "PASSIVE" if (busy_elsewhere() if busy is None else busy) >= 1.0 else None
 
