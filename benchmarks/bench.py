@@ -446,7 +446,8 @@ def startup_rows(d: dict) -> list[tuple[str, str, str, str]]:
     fl, inst, prof = d["floor_s"], d["instant_s"], d["import_profile_s"]
     floor = fl["torch"] + fl["mlflow"] - fl["python"]  # one interpreter start, torch and MLflow as a sweep needs them
     lo, hi = d["to_first_trial_range"]
-    top = ", ".join(f"{k} {v:.2f}" for k, v in prof.items() if k not in ("total", "other"))
+    top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])
+                    if k not in ("total", "other"))
     return [
         ("(i) time to first trial: `sweep --n-trials 1`, warm runs dir, launch to the trial's start",
          f"{d['to_first_trial_s']:.2f} s ({lo:.2f}-{hi:.2f}); first epoch logged at {d['to_first_epoch_s']:.2f} s; "
