@@ -124,6 +124,8 @@ def rerun(run_id: str, runs_dir: str = "runs", log: Callable[[str], None] = prin
         raise ConfigError(f"run {run_id} ended {run.info.status} ({tags.get('fine_tune.reason', 'no reason')[:80]}); "
                           "only finished runs have results to reproduce")
     cfg = _logged_config(client, run)
+    if cfg.threads is None and "threads" in run.data.metrics:  # the count changes the sums: train with the run's
+        cfg = cfg.model_copy(update={"threads": int(run.data.metrics["threads"])})
     notes = differences(tags)
     for note in notes:
         log(f"warning: {note}")

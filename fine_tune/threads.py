@@ -4,16 +4,20 @@ PyTorch's default (one OpenMP thread per core, threads that spin while they wait
 idle machine and wrong next to other work: when another process holds a core, a spinning thread burns its share
 waiting for one that is not running. Measured on 2 cores next to two CPU-bound processes (make bench (j)):
 
-- our own models (SimpleNet, the CNN: ~100k parameters) gain 1.2-2x from a second thread when the machine is idle
-  and lose 3-15x with it when it is busy, so they train on their share of the cores while no other process keeps a
-  core busy, on one thread otherwise, decided again before every run (what the machine did during the last one);
+- our own models (SimpleNet, the CNN: ~100k parameters) gain 1.15x (a sweep's short trials) to 2x (a full-data
+  epoch) from a second thread when the machine is idle and lose 3-17x with it when it is busy, so they train on one
+  thread. Always one, not only when the machine is busy: the thread count changes the floating-point sums, and a
+  count that followed the load would give the same config different numbers from one run to the next (`make
+  sweep`: 12 complete / best 0.8819 on one thread, 11 / 0.8853 on two). One thread gives the same numbers on every
+  machine, which `make rerun` relies on;
 - a torchvision backbone gains ~1.9x from a second thread, so it gets its share of the cores (cores / workers); if
   other processes already keep a core busy when the process starts, its threads sleep while they wait
   (OMP_WAIT_POLICY=PASSIVE: ResNet-18 2.2x faster than spinning next to the load, 1.3x slower on an idle machine,
   which is why it is not the default).
 
-Overrides: the config key `threads` (a number, or auto), then the environment variable FINE_TUNE_THREADS; either one
-fixes the count for every model and leaves the wait policy to OpenMP (OMP_WAIT_POLICY, which a user may set too).
+Overrides: the config key `threads` (a number, or auto), then the environment variable FINE_TUNE_THREADS, then
+OMP_NUM_THREADS; any one fixes the count for every model and leaves the wait policy to OpenMP (OMP_WAIT_POLICY, which
+a user may set too). Every run logs the count it trained with (metric `threads`), and `make rerun` uses it again.
 The wait policy must be set before torch is imported (OpenMP reads it once): `configure` runs in the CLI right after
 the config is read, and the choice passes to spawned workers through the environment.
 """
@@ -91,28 +95,12 @@ def share(workers: int) -> None:
     _workers = max(1, workers)
 
 
-def count(model: str, workers: int | None = None, setting: int | None = None, busy: float | None = None) -> int:
-    """Threads for training `model` in one of `workers` processes (default: this process's share) on this machine.
-    Our small models get the share only while no other process keeps a core busy (`busy`: measured since the last
-    decision when not given), one thread otherwise."""
+def count(model: str, workers: int | None = None, setting: int | None = None) -> int:
+    """Threads for training `model` in one of `workers` processes (default: this process's share) on this machine."""
     fixed = override(setting)
     if fixed is not None:
         return fixed
-    share_ = max(1, cores() // (workers or _workers))
-    if model not in SMALL or share_ == 1:
-        return share_
-    return share_ if (busy_since_last() if busy is None else busy) < 1.0 else 1
-
-
-_last = _START
-
-
-def busy_since_last() -> float:
-    """Cores other processes kept busy since the previous call (the first: since this module's import), so each run
-    of a sweep decides on what the machine did during the run before it."""
-    global _last
-    busy, _last = busy_elsewhere(_last), snapshot()
-    return busy
+    return 1 if model in SMALL else max(1, cores() // (workers or _workers))
 
 
 def wait_policy(models: list[str], workers: int = 1, setting: int | None = None,

@@ -120,7 +120,8 @@ class RunTracker:
         # The curves' latest points are the last epoch's; `best/...` are the best epoch's, which the checkpoint,
         # the test metrics and Optuna's objective all refer to. They are single values, logged at step 0: the UI draws
         # a metric whose steps are all 0 as a value (a bar), not as a one-dot line among the per-epoch curves.
-        final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k in ("best_epoch", "epochs_run")}
+        final = {k: v for k, v in result.metrics.items()
+                 if k.startswith("test/") or k in ("best_epoch", "epochs_run", "threads")}
         final |= {f"best/{k}": result.metrics[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
         final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
         self._buffer(final, step=0)

@@ -62,6 +62,20 @@ def test_rerun_of_the_best_trial_is_identical(swept):
     assert again["metrics.test/accuracy"].iloc[0] == study.best_trial.user_attrs["test/accuracy"]
 
 
+def test_rerun_trains_with_the_thread_count_the_run_logged(swept, monkeypatch):
+    """The thread count changes floating-point sums: a re-run on a machine set up for more threads still uses the
+    run's own count (logged as the metric `threads`)."""
+    cfg, study = swept
+    run_id = study.best_trial.user_attrs["mlflow_run_id"]
+    monkeypatch.setenv("FINE_TUNE_THREADS", "2")
+    same, text = rerun(run_id, cfg.runs_dir, log=lambda s: None)
+    runs = runs_of(cfg.runs_dir, cfg.study)
+    logged = runs[runs.run_id == run_id]["metrics.threads"].iloc[0]
+    again = runs[runs["tags.fine_tune.rerun_of"] == run_id]
+    assert logged == 1 and set(again["metrics.threads"]) == {1.0}
+    assert same, text
+
+
 def test_rerun_refuses_what_it_cannot_rebuild(swept):
     cfg, _ = swept
     with pytest.raises(ConfigError, match="is not in"):
