@@ -10,15 +10,18 @@ import collections
 import os
 import sqlite3
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from fine_tune.errors import StorageError, TrackingError  # noqa: F401 - raised here, caught by the CLI
 
-# MLflow draws a progress bar on stderr for every artifact it downloads (a champion's checkpoint, a re-run's config);
-# the Makefile turned it off, `python -m fine_tune` did not. A user's own setting still wins.
+# MLflow draws a progress bar on stderr for every artifact it downloads (a champion's checkpoint, a re-run's config),
+# and with a tracking server prints "View run ... / View experiment ..." on stdout at the end of every run, through
+# the sweep's progress bar (`make ui` prints the one URL that matters). A user's own setting still wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:
@@ -50,6 +53,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
                             "start it (`make server`) or fix MLFLOW_TRACKING_URI") from None
+
+
+def tracking_lost(exc: BaseException | None, uri: str) -> bool:
+    """Whether `exc` (or what it was raised from) says the tracking server at `uri` could not be reached: MLflow's
+    client gives up after its retries with "Max retries exceeded" / "Connection refused" around the HTTP library's
+    connection error. A local store is never "lost": its errors are the run's own."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    while exc is not None:
+        text = str(exc)
+        if (isinstance(exc, ConnectionError) or type(exc).__name__ in ("ConnectionError", "MaxRetryError",
+                                                                         "NewConnectionError")
+                or "Max retries exceeded" in text or "Connection refused" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def wait_for_tracking(uri: str, patience_s: float, log: Callable[[str], None], every_s: float = 2.0) -> bool:
+    """Wait until the tracking server at `uri` answers again, at most `patience_s`; whether it did."""
+    log(f"MLflow tracking server {uri} is unreachable: waiting for it (at most {patience_s:.0f}s)")
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        try:
+            check_reachable(uri)
+            log(f"MLflow tracking server {uri} is back")
+            return True
+        except TrackingError:
+            time.sleep(every_s)
+    return False
 
 
 def check_writable(runs_dir: str | Path) -> None:

@@ -18,10 +18,12 @@ from tqdm import tqdm
 
 from fine_tune import figures, threads
 from fine_tune.config import Config, ConfigError
+from fine_tune.errors import TrackingError
 from fine_tune.inputs import Inputs, resolve_inputs
 from fine_tune.interrupts import interruptible
 from fine_tune.search import make_pruner, make_sampler, suggest
-from fine_tune.stores import check_reachable, check_sqlite, optuna_storage, optuna_url, tracking_uri
+from fine_tune.stores import (check_reachable, check_sqlite, optuna_storage, optuna_url, tracking_lost, tracking_uri,
+                              wait_for_tracking)
 from fine_tune.tracking import RunTracker, StudyTracker, run_scope
 from fine_tune.train import Result, train
 from fine_tune.train import warm_up as train_warm_up
@@ -30,6 +32,13 @@ from fine_tune.workers import Attempt, ClaimLock, CloseStaleTrial, finished, run
 
 class TrialDiverged(RuntimeError):
     """A trial's loss became NaN/inf: the trial fails with this reason, the study goes on."""
+
+
+class TrackingLost(RuntimeError):
+    """The tracking server stopped answering during a trial: the trial was re-queued (its run is continued by the
+    retry), and the worker waits for the server before it claims another."""
+
+    REASON = "the MLflow tracking server could not be reached; re-queued, resumes from its last epoch when it is back"
 
 
 def definition(cfg: Config, n_trials: int | None) -> dict[str, Any]:
@@ -121,6 +130,14 @@ class Objective:
         except (optuna.TrialPruned, TrialDiverged):
             attempt.state.unlink(missing_ok=True)
             raise
+        except Exception as e:
+            if not tracking_lost(e, self.tracker.uri):
+                raise
+            # the server went away (its run may stay RUNNING until then): queue the trial again, whose retry
+            # reopens the same run and continues from the saved epoch, rather than failing it for good
+            attempt.requeue()
+            trial.set_user_attr("fail_reason", TrackingLost.REASON)
+            raise TrackingLost(TrackingLost.REASON) from e
         attempt.state.unlink(missing_ok=True)
         return value
 
@@ -234,12 +251,23 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
     # Optuna would log a traceback per failed trial; we say it in one line below and keep the reason in MLflow.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     train_warm_up()
+    # How long to wait on other workers' trials (a trial of this study, or a dead worker's grace period) and on a
+    # tracking server that went away, at most.
+    patience_s = 3 * (cfg.sweep.grace_period + cfg.sweep.heartbeat_interval) + 600
     bar = tqdm(total=target, initial=finished(study), desc=cfg.study, unit="trial", disable=not progress,
                dynamic_ncols=True)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == TrackingLost.REASON:
+            if not wait_for_tracking(tracker.uri, patience_s, bar.write):
+                raise TrackingError(f"the MLflow tracking server {tracker.uri} stayed unreachable for {patience_s:.0f}s; "
+                                    f"trial {trial.number} was re-queued: run the same command again once it is back")
         s = summary(study)
-        tracker.summarise(s)
+        try:
+            tracker.summarise(s)
+        except Exception as e:  # noqa: BLE001 - the parent's summary is written again after the next trial
+            if not tracking_lost(e, tracker.uri):
+                raise
         if trial.state == TrialState.FAIL:
             bar.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'see its MLflow run')}")
         bar.n = s["trials_complete"] + s["trials_pruned"]
@@ -247,11 +275,9 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
                         pruned=s["trials_pruned"], failed=s["trials_failed"])
 
     lock = ClaimLock(optuna_url(cfg.runs_dir, cfg.sweep.storage), cfg.study, cfg.runs_dir)
-    # How long to wait on other workers' trials: a trial of this study, or a dead worker's grace period, at most.
-    patience_s = 3 * (cfg.sweep.grace_period + cfg.sweep.heartbeat_interval) + 600
     try:
         work(study, Objective(inputs, tracker, on_start=lock.release), lock, target, max_trials, cfg.sweep.timeout,
-             patience_s, callbacks=[after_trial], catch=(TrialDiverged,), log=log)
+             patience_s, callbacks=[after_trial], catch=(TrialDiverged, TrackingLost), log=log)
     finally:
         bar.close()
 

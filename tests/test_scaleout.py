@@ -84,27 +84,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(pg_databases, tmp_path):
-    port = free_port()
+def start_server(backend: str, artifacts: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on loopback, returned once it answers /health (fails at once if it exits)."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", pg_databases[1],
-                             "--artifacts-destination", str(tmp_path / "served-artifacts"), "--serve-artifacts",
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(artifacts), "--serve-artifacts",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
                             env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # fails at once if the server exits; the bound is for a hang
+    deadline = time.monotonic() + 600  # the bound is for a hang
     while True:
         try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
             time.sleep(0.5)
-    yield url
+
+
+@pytest.fixture
+def mlflow_server(pg_databases, tmp_path):
+    port = free_port()
+    proc = start_server(pg_databases[1], tmp_path / "served-artifacts", port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -126,3 +130,88 @@ def test_four_workers_on_postgres_and_a_tracking_server(tmp_path, tiny_backbone,
     assert float(champion.tags["objective_value"]) == pytest.approx(study.best_value)
     print(f"\n4 workers x 40 trials on PostgreSQL + MLflow server: {elapsed:.1f}s, "
           f"{40 / elapsed * 60:.1f} trials/min, {len(children)} child runs")
+
+
+def wait_until(what: str, check, proc: subprocess.Popen, out: Path, bound_s: float = 600):
+    """Poll `check()` until it holds; fail at once if the sweep exits first (the bound is for a hang)."""
+    deadline = time.monotonic() + bound_s
+    while not check():
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (rc {proc.returncode}) before {what}: {out.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_outage_requeues_the_trial_and_the_sweep_finishes_when_it_is_back(tmp_path, tiny_backbone,
+                                                                                           pg_databases):
+    """The MLflow server dies mid-sweep for longer than the client retries: the worker re-queues its trial, waits for
+    the server instead of dying, and once the server is back the retry continues the same run; the sweep ends with
+    every trial finished and no run left RUNNING."""
+    port = free_port()
+    server = start_server(pg_databases[1], tmp_path / "served-artifacts", port)
+    url = f"http://127.0.0.1:{port}"
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="outage", n_trials=8, budget=100, epochs=40)
+    out = tmp_path / "sweep.log"
+    with open(out, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml"], cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env=cli_env(OPTUNA_STORAGE=pg_databases[0], MLFLOW_TRACKING_URI=url,
+                                            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"))
+    try:
+        def complete() -> int:
+            try:
+                trials = optuna.load_study(study_name="outage", storage=pg_databases[0]).trials
+            except KeyError:  # the study is not created yet
+                return 0
+            return sum(t.state.name == "COMPLETE" for t in trials)
+        wait_until("two complete trials", lambda: complete() >= 2, proc, out)
+        server.terminate()
+        server.wait(timeout=60)
+        wait_until("the worker waiting for the server", lambda: "unreachable: waiting" in out.read_text(), proc, out)
+        server = start_server(pg_databases[1], tmp_path / "served-artifacts", port)
+        assert proc.wait(timeout=900) == 0, out.read_text()[-3000:]
+        check_outage(out, pg_databases[0], url)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def check_outage(out: Path, storage: str, url: str) -> None:
+    from fine_tune.sweep import TrackingLost
+
+    assert "is back" in out.read_text()
+    trials = optuna.load_study(study_name="outage", storage=storage).trials
+    lost = [t for t in trials if t.state.name == "FAIL"]
+    assert lost and {t.user_attrs["fail_reason"] for t in lost} == {TrackingLost.REASON}
+    retried = {t.system_attrs.get("failed_trial") for t in trials if t.state.name == "COMPLETE"}
+    assert {t.number for t in lost} <= retried  # each lost trial was continued by a retry that completed
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 8
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id], max_results=1000)
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    children = [r for r in runs if r.data.tags.get("fine_tune.role") == "trial"]
+    # one run per completed trial: a retry continued its lost trial's run where there was one, and made none twice
+    assert len(children) == 8
+
+
+def test_only_a_server_that_cannot_be_reached_counts_as_lost():
+    """Pure unit test of the check that decides between re-queuing a trial and failing it."""
+    from mlflow.exceptions import MlflowException
+
+    from fine_tune.stores import tracking_lost
+
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError as e:
+            raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed") from e
+    except MlflowException as e:
+        wrapped = e
+    assert tracking_lost(wrapped, "http://127.0.0.1:5000")
+    assert tracking_lost(MlflowException("... Max retries exceeded with url ..."), "https://mlflow.example")
+    assert not tracking_lost(wrapped, "sqlite:///runs/mlflow.db")  # a local store's errors are the run's own
+    assert not tracking_lost(MlflowException("RESOURCE_DOES_NOT_EXIST: run not found"), "http://127.0.0.1:5000")
+    assert not tracking_lost(ValueError("loss is nan"), "http://127.0.0.1:5000")
