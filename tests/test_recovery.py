@@ -79,9 +79,13 @@ def stores(tmp_path, study):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_interrupt_closes_the_trial_and_the_next_sweep_resumes_it(tmp_path, tiny_backbone, sig, code, word):
-    # 5,000 images x 60 epochs: ~4 s of training, so the signal sent after epoch 3 lands mid-training (with 1,000
-    # images x 40 epochs, ~0.5 s, it could land after the last epoch, while the result was being logged)
+    # 5,000 images x 60 epochs through the whole network: ~4 s of training, so the signal sent after epoch 3 lands
+    # mid-training (with 1,000 images x 40 epochs, ~0.5 s, it could land after the last epoch, while the result was
+    # being logged; so could it when the sampled trial froze layers and trained a cached head only, on a loaded
+    # machine where noticing epoch 3 took longer than the remaining 57 epochs)
     write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="stop", budget=1000, epochs=60, n_trials=1)
+    with open(tmp_path / "e.yaml", "a") as f:
+        f.write("cache_features: false\n")
     state = tmp_path / "runs" / "trial_state" / "stop" / "t000.pt"
     proc = start_sweep(tmp_path)
     wait_for(lambda: running_trials(tmp_path, "stop", epochs=3), proc)  # a few epochs in
@@ -163,7 +167,10 @@ def test_a_worker_killed_mid_trial_is_failed_requeued_and_closed(tmp_path, tiny_
 @pytest.mark.slow
 def test_ctrl_c_with_several_workers_closes_every_trial(tmp_path, tiny_backbone):
     """Ctrl-C in a terminal signals the whole process group: launcher and workers alike."""
-    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="group", budget=200, epochs=40, n_trials=6)
+    # ~4 s trials through the whole network (see above): the signal lands mid-training even on a loaded machine
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="group", budget=1000, epochs=60, n_trials=4)
+    with open(tmp_path / "e.yaml", "a") as f:
+        f.write("cache_features: false\n")
     proc = subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", "--workers", "2"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
