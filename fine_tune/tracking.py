@@ -344,10 +344,17 @@ class StudyTracker:
         """The study's definition (search space, sampler, pruner, objective, trial count, seed) as the parent's params:
         written by the first sweep; a later sweep that changes it leaves the first as it was (MLflow params cannot
         change) and records the change in the tag `fine_tune.definition_changed`."""
+        from mlflow.exceptions import MlflowException
+
         logged = self.client.get_run(self.parent.run_id).data.params
         new = {k: str(v) for k, v in definition.items()}
         if not logged:
-            self.parent.write_params(new)
+            try:
+                self.parent.write_params(new)
+            except MlflowException:  # two sweeps started together: the other wrote them between our read and write
+                logged = self.client.get_run(self.parent.run_id).data.params
+                if not logged:
+                    raise
         changed = sorted(k for k in new if k in logged and logged[k] != new[k] and k != "n_trials")
         if changed:
             self.parent.set_tags({"fine_tune.definition_changed": ", ".join(changed)})

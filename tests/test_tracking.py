@@ -118,3 +118,21 @@ def test_a_retry_that_completes_does_not_keep_the_reason_of_the_attempt_before(t
     tags = tracker.client.get_run(run.run_id).data.tags
     assert "fine_tune.reason" not in tags and tags["fine_tune.outcome"] == "complete"
     assert tags["fine_tune.retried_after"].startswith("worker stopped heartbeating")
+
+
+def test_two_launchers_defining_the_study_at_once_both_go_on(tmp_path, monkeypatch):
+    """Two sweeps started together both read the parent's params as empty, then both write them: the second write
+    collides with the first (seen in `make test` next to CPU-bound processes). The loser reads them again and goes
+    on, recording what differs, instead of ending its sweep with a traceback."""
+    uri = tracking_uri(str(tmp_path))
+    first, second = StudyTracker("race", uri), StudyTracker("race", uri)
+    assert first.parent.run_id == second.parent.run_id  # both settled on one parent run
+    before = second.client.get_run(second.parent.run_id)  # read before the first one writes: no params yet
+    first.define({"n_trials": 5, "sampler": "tpe"})
+    real = second.client.get_run
+    reads = iter([before])
+    monkeypatch.setattr(second.client, "get_run", lambda run_id: next(reads, None) or real(run_id))
+    second.define({"n_trials": 5, "sampler": "random"})
+    run = real(first.parent.run_id)
+    assert run.data.params == {"n_trials": "5", "sampler": "tpe"}  # the first definition stands
+    assert run.data.tags["fine_tune.definition_changed"] == "sampler"
