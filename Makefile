@@ -38,7 +38,12 @@ $(STAMP):
 	$(PY) -m pip install -q -r requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
-data: venv ## locate (or install) Fashion-MNIST and extract it under data/
+# Debian's data package, installed here (root with apt) when missing: the library only finds files, never installs.
+FASHION_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data: venv ## locate (or install, as root with apt) Fashion-MNIST and extract it under data/
+	@test -f $(FASHION_DEB) || test -n "$$FINE_TUNE_DATA" || test -f data/FashionMNIST/raw/train-images-idx3-ubyte || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q dataset-fashion-mnist || \
+	    { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1; } || true
 	$(PY) -m fine_tune data
 
 pretrain: data ## pretrain the backbone of EXPERIMENT on its source task (cached by config hash)

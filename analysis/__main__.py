@@ -18,10 +18,10 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from analysis.read import StoreError, load_study
 from analysis.stats import RESAMPLES
-from analysis.stores import StoreError, load_study
 from fine_tune.cli import ArgumentParser, positive_int
-from fine_tune.config import ConfigError
+from fine_tune.errors import ConfigError
 from fine_tune.experiment import load_config
 
 
@@ -38,7 +38,7 @@ def cmd_report(args) -> int:
 
 def cmd_curve(args) -> int:
     from analysis import curve
-    from fine_tune.stores import tracking_uri
+    from fine_tune.track.stores import tracking_uri
 
     start = time.perf_counter()
     folder = curve.build(args.study, tracking_uri(args.runs_dir), args.out)

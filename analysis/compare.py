@@ -6,10 +6,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots, stats
-from analysis.render import Heading, Image, Report, Table, Text, write
 from analysis.format import fmt, slug, staged
+from analysis.read import StudyData
+from analysis.render import Heading, Image, Report, Table, Text, write
 from analysis.report import SCORE, predictions, seed_group
-from analysis.stores import StudyData
 
 SECTIONS = ["Best trial per study", "Validation F1 distributions", "Best so far"]
 

@@ -11,9 +11,9 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from analysis import plots
-from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
 from analysis.format import duration, slug, staged
-from analysis.stores import StoreError
+from analysis.read import StoreError
+from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
 
 METRICS = ("test/accuracy", "test/f1_macro")
 SECTIONS = ["Summary", "Test accuracy vs labels per class", "Numbers"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.stores import StudyData
+from analysis.read import StudyData
 
 
 def slug(name: str) -> str:

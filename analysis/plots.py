@@ -1,7 +1,6 @@
 """The report's figures, each written to a PNG file (matplotlib's Agg backend: no display needed)."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ import optuna
 import optuna.visualization.matplotlib as ovm
 import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay
+
+from fine_tune.track.stores import quiet_experimental
 
 matplotlib.use("Agg")  # files only: no display is needed, and CI has none
 DPI = 100
@@ -26,8 +27,7 @@ def _save(fig, path: Path) -> Path:
 def _optuna_figure(draw, path: Path, size: tuple[float, float], *args, **kwargs) -> Path:
     # optuna.visualization.matplotlib is marked experimental (a warning that says nothing about the report), and
     # it switches matplotlib to its own style globally; rc_context confines that style to its own figures.
-    with warnings.catch_warnings(), plt.rc_context():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental(), plt.rc_context():
         ax = draw(*args, **kwargs)
         ax.figure.set_size_inches(*size)
         return _save(ax.figure, path)

@@ -9,9 +9,9 @@ import pandas as pd
 
 from analysis import plots, stats
 from analysis.format import duration, fmt, hyperparameter_columns, run_link, slug, staged
+from analysis.hyperparams import curves, search
+from analysis.read import StudyData, load_json
 from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
-from analysis.search import curves, search
-from analysis.stores import StudyData, load_json
 
 SCORE = "val/f1_macro"  # what the figures compare trials by (the best epoch's value)
 TOP = 10  # trials in the leaderboard

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fine_tune.metrics import accuracy, macro_f1  # noqa: F401 - the report's metrics
+from fine_tune.learn.metrics import accuracy, macro_f1  # noqa: F401 - the report's metrics
 
 RESAMPLES = 2000
 SEED = 0  # the bootstrap's RNG seed: the same stores give the same report

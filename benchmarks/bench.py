@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fine_tune import checkpoints, features
 from fine_tune.config import Config
 from fine_tune.experiment import load_config
-from fine_tune.data import prepare as prepare_data
-from fine_tune.data import splits_for
-from fine_tune.models import build_model
-from fine_tune.train import pick_device, train
+from fine_tune.learn import checkpoints, features
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.fashion import prepare as prepare_data
+from fine_tune.learn.models import build_model
+from fine_tune.learn.train import pick_device, train
 
 DEFAULT_EXPERIMENT = Path("experiments/fashion_transfer.yaml")
 
@@ -96,7 +96,7 @@ def sampled_params(cfg: Config, n: int, seed: int) -> list[dict]:
     """`n` points of the experiment's search space, drawn at random: the same work for every sweep compared."""
     import optuna
 
-    from fine_tune.search import suggest
+    from fine_tune.study.samplers import suggest
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -109,7 +109,7 @@ def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, prune
     With `trials`, the study runs exactly those parameters (enqueued) instead of sampling its own."""
     import optuna
 
-    from fine_tune.sweep import open_study, run_sweep
+    from fine_tune.study.sweep import open_study, run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         c = Config.model_validate({**cfg.model_dump(), "runs_dir": tmp, "study": f"bench-{pruner}-{workers}",
@@ -172,8 +172,8 @@ class Timed:
 def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -> dict:
     """The same trial with MLflow (run, per-epoch metrics, artifacts) and with the null tracker, run in pairs
     (alternating which goes first) so that the machine's drift cancels: the overhead is the median pair's."""
-    from fine_tune.stores import tracking_uri
-    from fine_tune.tracking import StudyTracker
+    from fine_tune.track.stores import tracking_uri
+    from fine_tune.track.tree import StudyTracker
 
     null, tracked, pairs, inside = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,7 +295,7 @@ def speed_figures(experiment: Config, quick: bool, log: Callable[[str], None], s
     # (e)-(g): sweeps of the transfer experiment, the study `make sweep` runs
     transfer = experiment.model_copy(update={"runs_dir": str(scratch / "transfer")})
     tsplits = splits_for(transfer)
-    from fine_tune.pretrain import backbone_for
+    from fine_tune.learn.pretrain import backbone_for
 
     tbackbone = backbone_for(transfer, log=lambda s: None)
     trial_cfg = transfer.model_copy(update={"lr": 2.6e-3, "frozen_layers": 0, "head_size": 64})
@@ -353,7 +353,7 @@ def torchvision_figures(runs_dir: Path, quick: bool, repeats: int, model: str = 
     """A torchvision backbone at a small image size on the transfer task's classes: images per second of a training
     epoch for a linear probe (all 5 stages frozen) and a partial fine-tune (3 frozen), each without and with the
     frozen-feature cache, and a full fine-tune against its FLOP floor."""
-    from fine_tune.models import fwd_flops
+    from fine_tune.learn.models import fwd_flops
 
     cfg = Config(study="bench-torchvision", model=model, image_size=size, classes=[5, 6, 7, 8, 9],
                  budget_per_class=40 if quick else 200, val_per_class=20 if quick else 100, test_per_class=20,
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections to measure, of {', '.join(SECTIONS)} (default: all); the "
                              "others are kept from the last bench.json")
     args = parser.parse_args(argv)
-    from fine_tune.config import ConfigError
+    from fine_tune.errors import ConfigError
 
     try:
         only = tuple(x.strip() for x in args.only.split(",") if x.strip())

@@ -1,6 +1,6 @@
 """Rows (j) of `make bench`: the same trial on an idle machine and next to two CPU-bound processes, under torch's
 default thread policy (one spinning OpenMP thread per core: FINE_TUNE_THREADS=<cores>) and under ours
-(fine_tune/threads.py). Each trial is a fresh `python -m fine_tune train --no-track` process, as a user runs it, and
+(fine_tune/learn/threads.py). Each trial is a fresh `python -m fine_tune train --no-track` process, as a user runs it, and
 the figure is the run's own `time/train_s`; old and new alternate within each repeat so the machine's drift cancels.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fine_tune.threads import cores
+from fine_tune.learn.threads import cores
 
 # The transfer study's SimpleNet with 500 labels per class, every layer trained (with frozen layers cached the trial
 # takes hundredths of a second, too short to time), and a torchvision backbone.

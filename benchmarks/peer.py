@@ -65,7 +65,7 @@ def peer_sweep(cfg: Config, splits, backbone: str, n_trials: int, seed: int, tra
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from fine_tune.data import prepare
+    from fine_tune.learn.fashion import prepare
 
     MLflowCallback = integration()
     remap = {c: i for i, c in enumerate(cfg.classes)}
@@ -126,8 +126,8 @@ def peer_sweep(cfg: Config, splits, backbone: str, n_trials: int, seed: int, tra
 
 def ours_sweep(cfg: Config, backbone: str, n_trials: int, seed: int) -> dict:
     """`fine_tune sweep` on the same task, with everything it tracks."""
-    from fine_tune import features
-    from fine_tune.sweep import run_sweep
+    from fine_tune.learn import features
+    from fine_tune.study.sweep import run_sweep
 
     c = Config.model_validate({**cfg.model_dump(), "study": "ours", "pretrained": backbone, "seed": seed,
                                "sweep": {**cfg.sweep.model_dump(), "storage": None, "sampler": "tpe",
@@ -179,9 +179,9 @@ def holdings(tracking_uri: str, experiment: str) -> dict:
 def peer_figures(transfer: Config, scratch: Path, quick: bool, seed: int = 0) -> dict:
     """Row (j): the same task swept by the peer and by us, seconds per trial and what each MLflow tree holds.
     The task is the issue's: SimpleNet pretrained on 0-4, fine-tuned on 5-9 with 500 labels per class, 5 epochs."""
-    from fine_tune.data import splits_for
-    from fine_tune.pretrain import backbone_for
-    from fine_tune.stores import tracking_uri
+    from fine_tune.learn.data import splits_for
+    from fine_tune.learn.pretrain import backbone_for
+    from fine_tune.track.stores import tracking_uri
 
     if integration() is None:
         return {"skipped": "optuna-integration is not installed: `make bench` installs it into .bench-deps/"}

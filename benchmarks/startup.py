@@ -34,7 +34,7 @@ def first_trial(experiment: Path, runs_dir: Path, study: str) -> dict:
     import optuna
     from mlflow import MlflowClient
 
-    from fine_tune.stores import optuna_url, tracking_uri
+    from fine_tune.track.stores import optuna_url, tracking_uri
 
     launched = time.time()
     wall, p = _python(_sweep_args(experiment, runs_dir, study))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fine_tune import threads  # first: it notes how busy the machine is from here on (see threads.busy_elsewhere)
 from fine_tune.cli import ArgumentParser, positive_int
 from fine_tune.errors import CheckpointError, ConfigError, DataError, StorageError, TrackingError, WorkerDied
-from fine_tune.interrupts import Terminated
+from fine_tune.learn import threads  # light; notes how busy the machine is from here on (threads.busy_elsewhere)
+from fine_tune.track.interrupts import Terminated
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, TrackingError)
 
@@ -40,9 +40,9 @@ def _config(args):
 
 def cmd_data(args) -> int:
     cfg = _config(args)
-    from fine_tune import data
+    from fine_tune.learn import data, fashion
 
-    where = cfg.data.root if cfg.data.kind == "imagefolder" else f"{data.prepare(cfg.data_dir)}/FashionMNIST"
+    where = cfg.data.root if cfg.data.kind == "imagefolder" else f"{fashion.prepare(cfg.data_dir)}/FashionMNIST"
     source = data.source_for(cfg)
     counts = ", ".join(f"{len(p.y)} {name}" for name, p in (("training", source.train), ("validation", source.val),
                                                               ("test", source.test)) if p is not None)
@@ -53,7 +53,7 @@ def cmd_data(args) -> int:
 
 def cmd_models(args) -> int:
     from fine_tune import archs
-    from fine_tune.models import describe
+    from fine_tune.learn.models import describe
 
     print(f"{'model':22s} {'stages':>6s} {'parameters':>12s}  image size")
     for name in [*archs.SMALL, *archs.TORCHVISION]:
@@ -64,7 +64,7 @@ def cmd_models(args) -> int:
 
 def cmd_pretrain(args) -> int:
     cfg = _config(args)
-    from fine_tune.pretrain import backbone_for
+    from fine_tune.learn.pretrain import backbone_for
 
     if cfg.pretrain is None and not cfg.pretrained:
         raise ConfigError(f"{args.config}: pretrain: not set, so there is nothing to pretrain; add a `pretrain:` section")
@@ -85,8 +85,8 @@ def print_table(result) -> None:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
-    from fine_tune import checkpoints
-    from fine_tune.runs import train_once
+    from fine_tune.learn import checkpoints
+    from fine_tune.study.single import train_once
 
     def progress(epoch: int, m: dict) -> None:
         print(f"epoch {epoch:3d}/{cfg.epochs}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
@@ -110,17 +110,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_rerun(args) -> int:
-    from fine_tune.runs import rerun
+    from fine_tune.study.single import reproduce
 
     runs_dir = _config(args).runs_dir if args.config else "runs"
-    same, text = rerun(args.run_id, runs_dir)
+    same, text = reproduce(args.run_id, runs_dir)
     print(text)
     return 0 if same else 1
 
 
 def cmd_sweep(args) -> int:
     cfg = _config(args)
-    from fine_tune.sweep import run_sweep, summary, top_table
+    from fine_tune.study.summary import summary, top_table
+    from fine_tune.study.sweep import run_sweep
 
     study = run_sweep(cfg, args.n_trials, args.workers or cfg.sweep.workers)
     s = summary(study)
@@ -134,7 +135,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_confirm(args) -> int:
     cfg = _config(args)
-    from fine_tune.confirm import confirm
+    from fine_tune.study.confirm import confirm
 
     added = confirm(cfg, args.top_k, args.seeds, vary=args.vary)
     print(f"{added} re-runs added to {cfg.study}; `make report` now shows mean ± std, 95% CIs and McNemar's test")
@@ -143,10 +144,11 @@ def cmd_confirm(args) -> int:
 
 def cmd_curve(args) -> int:
     cfg = _config(args)
-    from fine_tune.curve import run_curve
+    from fine_tune.names import curve_experiment
+    from fine_tune.study.efficiency import run_curve
 
     added = run_curve(cfg)
-    print(f"{added} runs added to {cfg.study}-curve; `python -m analysis curve --config {args.config}` (make curve "
+    print(f"{added} runs added to {curve_experiment(cfg.study)}; `python -m analysis curve --config {args.config}` (make curve "
           "does both) writes the plot and the table")
     return 0
 
@@ -154,7 +156,7 @@ def cmd_curve(args) -> int:
 def cmd_ui(args) -> int:
     import os
 
-    from fine_tune.stores import artifact_location, mlflow_client, tracking_uri
+    from fine_tune.track.stores import artifact_location, mlflow_client, tracking_uri
 
     cfg = _config(args)
     uri = tracking_uri(cfg.runs_dir)

@@ -11,12 +11,21 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, ValidationInfo,
-                      create_model, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from fine_tune import archs
 from fine_tune.space import Choices, Dimension, Strict, dimension_type
-from fine_tune.errors import ConfigError  # noqa: F401 - modules take it from here with the config
 
 # Fashion-MNIST is fixed: 6,000 training and 1,000 test images per class.
 NUM_CLASSES = 10
@@ -211,16 +220,14 @@ class Config(Hyperparameters):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        models = self.search.model.values() if self.search and self.search.model else [self.model]
-        for model in models:  # every model a trial may get must take the frozen stages and image size it may get
+        for model in self.trial_models():  # each must take the frozen stages and image sizes a trial may get
             depth = archs.stage_count(model)
             if self.frozen_layers > depth:
                 raise ValueError(f"frozen_layers={self.frozen_layers} but {model} has {depth} backbone layers")
             if self.search and self.search.frozen_layers and max(self.search.frozen_layers.values()) > depth:
                 raise ValueError(f"search.frozen_layers.high={max(self.search.frozen_layers.values())} but "
                                  f"{model} has {depth} backbone layers")
-            sizes = self.search.image_size.values() if self.search and self.search.image_size else [self.image_size]
-            for size in sizes:
+            for size in self.trial_sizes():
                 problem = archs.size_problem(model, size or archs.native_size(model))
                 if problem:
                     raise ValueError(f"image_size {size}: {problem}")
@@ -250,6 +257,23 @@ class Config(Hyperparameters):
                                  f"{self.pretrain.holdout_per_class} held out of pretraining; raise "
                                  "pretrain.holdout_per_class")
         return self
+
+    def trial_models(self) -> list[str]:
+        """Every model a run of this config may get: the searched choices, else its own."""
+        return list(self.search.model.values()) if self.search and self.search.model else [self.model]
+
+    def trial_sizes(self) -> list[int | None]:
+        """Every image size a run may get: each searched choice or every integer of a searched range, else its own
+        (None: the model's native size)."""
+        dim = self.search.image_size if self.search else None
+        if dim is None:
+            return [self.image_size]
+        return dim.grid() if isinstance(dim, Choices) else list(range(dim.low, dim.high + 1))
+
+    def trial_variants(self) -> list["Config"]:
+        """One config per (model, image size) a trial may get: what a sweep resolves data and backbones for."""
+        return [self.model_copy(update={"model": m, "image_size": s})
+                for m in self.trial_models() for s in self.trial_sizes()]
 
     def input_size(self) -> int:
         """The square size images are resized to for this run's model."""

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fine_tune.config import Config, ConfigError
-
+from fine_tune.config import Config
+from fine_tune.errors import ConfigError
 
 MAX_YAML_BYTES = 1 << 20
 MAX_ALIASES = 20  # an experiment needs few, if any; nested aliases ("billion laughs") expand exponentially

@@ -8,8 +8,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from fine_tune.config import Config  # noqa: E402
 from helpers import tiny_config  # noqa: E402
+
+from fine_tune.config import Config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def tiny(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
     """A real pretrained SimpleNet backbone: 1 epoch on 100 images per source class (cached for the session)."""
-    from fine_tune.pretrain import backbone_for
+    from fine_tune.learn.pretrain import backbone_for
 
     tmp = tmp_path_factory.mktemp("pretrain")
     cfg = Config(classes=[5, 6, 7, 8, 9], val_per_class=20, runs_dir=str(tmp / "runs"),

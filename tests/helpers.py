@@ -8,7 +8,7 @@ import mlflow
 import optuna
 
 from fine_tune.config import Config
-from fine_tune.stores import optuna_storage
+from fine_tune.track.stores import optuna_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def write_image_folder(root, classes: dict[str, int], per_class: int, test_per_c
     pixels written, keyed by (part, class, position in that class's sorted files)."""
     from PIL import Image
 
-    from fine_tune.data import load
+    from fine_tune.learn.fashion import load
 
     _, _, images, labels, _ = load()
     root = Path(root)

@@ -7,9 +7,9 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from helpers import ROOT
 
 from benchmarks.bench import Timed, run_bench, spread, steady_rate
-from helpers import ROOT
 
 
 @pytest.mark.slow

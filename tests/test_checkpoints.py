@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from fine_tune import checkpoints
-from fine_tune.checkpoints import CheckpointError
-from fine_tune.models import build_model
-from fine_tune.pretrain import backbone_for, cache_path
+from fine_tune.errors import CheckpointError
+from fine_tune.learn import checkpoints
+from fine_tune.learn.models import build_model
+from fine_tune.learn.pretrain import backbone_for, cache_path
 
 
 def test_round_trip_restores_the_backbone(tmp_path):

@@ -7,13 +7,14 @@ import sys
 
 import pandas as pd
 import pytest
-
-from fine_tune.confirm import confirm
-from fine_tune.interrupts import interrupt, rearm, shielded
-from fine_tune.stores import tracking_uri
-from fine_tune.sweep import run_sweep
-from fine_tune.tracking import RunTracker, StudyTracker
 from helpers import runs_of, tiny_sweep
+
+from fine_tune.study.confirm import confirm
+from fine_tune.study.sweep import run_sweep
+from fine_tune.track.interrupts import interrupt, rearm, shielded
+from fine_tune.track.stores import tracking_uri
+from fine_tune.track.tracking import RunTracker
+from fine_tune.track.tree import StudyTracker
 
 
 def test_reruns_log_the_params_their_trial_logged(tmp_path, tiny_backbone):

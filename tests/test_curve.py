@@ -4,12 +4,13 @@ import re
 
 import numpy as np
 import pytest
+from helpers import runs_of
 from scipy import stats as scipy_stats
 
 from analysis.__main__ import main as analysis_main
-from fine_tune.config import Config, ConfigError
-from fine_tune.curve import run_curve
-from helpers import runs_of
+from fine_tune.config import Config
+from fine_tune.errors import ConfigError
+from fine_tune.study.efficiency import run_curve
 
 
 def curve_config(tmp_path, backbone, **kw) -> Config:

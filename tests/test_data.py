@@ -4,10 +4,14 @@ import os
 
 import pytest
 import torch
-
-from fine_tune import data
-from fine_tune.data import DataError, fashion_mnist, image_folder, make_splits
 from helpers import write_image_folder
+
+from fine_tune.errors import DataError
+from fine_tune.learn import fashion as fashion_files
+from fine_tune.learn import imagefolder
+from fine_tune.learn.data import make_splits
+from fine_tune.learn.fashion import fashion_mnist
+from fine_tune.learn.imagefolder import image_folder
 
 
 def fashion():
@@ -24,7 +28,7 @@ def test_splits_are_disjoint_stratified_and_remapped():
 
 
 def test_test_set_is_the_official_test_images():
-    _, _, test_x, test_y, _ = data.load()
+    _, _, test_x, test_y, _ = fashion_files.load()
     s = make_splits(fashion(), [0, 1], val_per_class=10, budget_per_class=10)
     assert len(s.test) == 2000  # all 1000 official test images of each class
     assert torch.equal(test_y[s.test.index], torch.tensor([0, 1])[s.test.y])
@@ -55,13 +59,13 @@ def test_budget_grows_without_touching_validation():
 
 
 def test_explicit_data_dir_without_files_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="does not hold the Fashion-MNIST files"):
-        data.prepare(str(tmp_path / "nowhere"), root=tmp_path / "root")
+    with pytest.raises(DataError, match="does not hold the Fashion-MNIST files"):
+        fashion_files.prepare(str(tmp_path / "nowhere"), root=tmp_path / "root")
     assert not (tmp_path / "root").exists()
 
 
 def test_data_dir_with_the_gz_files_is_extracted(tmp_path):
-    root = data.prepare(str(data.SYSTEM_DIR), root=tmp_path / "root")
+    root = fashion_files.prepare(str(fashion_files.SYSTEM_DIR), root=tmp_path / "root")
     assert (root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").stat().st_size == 10008
 
 
@@ -82,11 +86,11 @@ def test_an_image_folder_holds_the_pngs_it_was_written_from(tmp_path):
 
     def no_decoding(*args):
         raise AssertionError("decoded again instead of read from the cache")
-    original, data._decode = data._decode, no_decoding
+    original, imagefolder._decode = imagefolder._decode, no_decoding
     try:
         again = image_folder(root, 28, cache)
     finally:
-        data._decode = original
+        imagefolder._decode = original
     assert torch.equal(again.train.x, src.train.x)
     os.utime(next((root / "train" / "Bag").iterdir()), (1, 1))  # a file changed: a new cache entry
     image_folder(root, 28, cache)

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_experiment
 
 from fine_tune.__main__ import main
-from fine_tune.models import build_model
-
-from helpers import write_experiment
+from fine_tune.learn.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_KEYS = "classes: [5, 6, 7, 8, 9]\nsearch: {lr: {low: 1.0e-3, high: 1.0e-2, log: true}}\n"

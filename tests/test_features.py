@@ -1,9 +1,9 @@
 """The frozen-feature cache gives the same training as the uncached path, and is shared through the disk."""
 import pytest
 
-from fine_tune import checkpoints, features
-from fine_tune.data import splits_for
-from fine_tune.train import train
+from fine_tune.learn import checkpoints, features
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.train import train
 
 
 def untimed(d):

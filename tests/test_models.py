@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fine_tune.models import build_model, count_params
+from fine_tune.learn.models import build_model, count_params
 
 
 @pytest.mark.parametrize("k,expected", [(0, 109_386), (1, 109_386 - (784 * 128 + 128)), (2, 64 * 10 + 10)])

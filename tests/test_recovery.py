@@ -9,11 +9,11 @@ import mlflow
 import optuna
 import pytest
 import sqlalchemy
-
-from fine_tune.data import splits_for
-from fine_tune.stores import optuna_storage
-from fine_tune.train import train
 from helpers import cli_env, runs_of, study_in, write_experiment
+
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.train import train
+from fine_tune.track.stores import optuna_storage
 
 
 def untimed(d):
@@ -195,7 +195,7 @@ def test_a_store_whose_creation_was_killed_leaves_no_half_made_file(tmp_path, ti
     """Item 4: the first sweep's MLflow store is built in a temporary file and linked into place only whole. A kill
     while the tables are being built (seen: the temporary file exists) leaves no runs/mlflow.db, and the next sweep
     makes a whole one."""
-    creating = subprocess.Popen([sys.executable, "-c", "from fine_tune.stores import mlflow_client; "
+    creating = subprocess.Popen([sys.executable, "-c", "from fine_tune.track.stores import mlflow_client; "
                                  f"mlflow_client('sqlite:///{tmp_path}/runs/mlflow.db')"],
                                 env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: list((tmp_path / "runs").glob(".mlflow.db.*")), creating)  # building, not yet linked
@@ -225,9 +225,9 @@ def test_two_sweeps_started_together_on_a_fresh_runs_dir_both_finish(tmp_path, t
 def test_a_run_whose_trial_never_recorded_it_is_closed_when_the_trial_goes_stale(tmp_path):
     """Item 6: a worker killed after creating its trial's MLflow run but before the trial recorded the run id; the
     stale-trial callback finds the run by the trial number it is tagged with and closes it."""
-    from fine_tune.stores import tracking_uri
-    from fine_tune.tracking import StudyTracker
-    from fine_tune.workers import CloseStaleTrial, reap
+    from fine_tune.study.workers import CloseStaleTrial, reap
+    from fine_tune.track.stores import tracking_uri
+    from fine_tune.track.tree import StudyTracker
 
     uri = tracking_uri(tmp_path / "runs")
     tracker = StudyTracker("orphan", uri)

@@ -13,14 +13,14 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from helpers import runs_of, tiny_sweep
 from matplotlib import image as mpimg
 from mlflow.tracking import MlflowClient
 
 from analysis import compare, report, stats
 from analysis.__main__ import main
-from fine_tune.confirm import confirm
-from fine_tune.sweep import run_sweep
-from helpers import runs_of, tiny_sweep
+from fine_tune.study.confirm import confirm
+from fine_tune.study.sweep import run_sweep
 
 RESAMPLES = 200  # the CLI's --resamples: enough for an interval in a test, a tenth of the default's time
 SEEDS = (1, 2)  # the re-runs' seeds; the trials themselves ran with seed 0

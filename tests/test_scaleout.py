@@ -13,9 +13,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-
 from helpers import cli_env, study_in, write_experiment
+from mlflow.tracking import MlflowClient
 
 PG = "postgresql://127.0.0.1:5432"
 
@@ -180,7 +179,7 @@ def test_a_tracking_server_outage_requeues_the_trial_and_the_sweep_finishes_when
 
 
 def check_outage(out: Path, storage: str, url: str) -> None:
-    from fine_tune.sweep import TrackingLost
+    from fine_tune.study.sweep import TrackingLost
 
     assert "is back" in out.read_text()
     trials = optuna.load_study(study_name="outage", storage=storage).trials
@@ -201,7 +200,7 @@ def test_only_a_server_that_cannot_be_reached_counts_as_lost():
     """Pure unit test of the check that decides between re-queuing a trial and failing it."""
     from mlflow.exceptions import MlflowException
 
-    from fine_tune.stores import tracking_lost
+    from fine_tune.track.stores import tracking_lost
 
     try:
         try:

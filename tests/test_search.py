@@ -4,9 +4,10 @@ import random
 import optuna
 import pytest
 
-from fine_tune.config import Config, ConfigError, Hyperparameters, SearchSpace
+from fine_tune.config import Config, Hyperparameters, SearchSpace
+from fine_tune.errors import ConfigError
 from fine_tune.experiment import load_config
-from fine_tune.search import CompleteTrialsOnce, grid, make_sampler, suggest
+from fine_tune.study.samplers import CompleteTrialsOnce, grid, make_sampler, suggest
 
 
 def space(**dims) -> SearchSpace:

@@ -5,16 +5,16 @@ import mlflow
 import optuna
 import pytest
 import torch
+from helpers import SEARCH, runs_of, study_in, tiny_sweep
 from mlflow.tracking import MlflowClient
 
-from fine_tune import checkpoints
-from fine_tune.config import ConfigError
-from fine_tune.data import splits_for
-from fine_tune.models import build_model
-from fine_tune.stores import optuna_storage, optuna_url
-from fine_tune.sweep import run_sweep
-from fine_tune.train import evaluate, scores
-from helpers import SEARCH, runs_of, study_in, tiny_sweep
+from fine_tune.errors import ConfigError
+from fine_tune.learn import checkpoints
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.models import build_model
+from fine_tune.learn.train import evaluate, scores
+from fine_tune.study.sweep import run_sweep
+from fine_tune.track.stores import optuna_storage, optuna_url
 
 
 @pytest.fixture
@@ -155,9 +155,9 @@ def test_parent_run_counts_failures_before_any_trial_completes(sweep_cfg):
 def test_a_searched_hyperparameter_is_sampled_logged_tabled_and_reported(sweep_cfg):
     """label_smoothing is one field of Hyperparameters and one use in the loss, nothing else: a sweep samples it,
     every run logs it, the console table and the report's leaderboard show it."""
+    from analysis.read import load_study
     from analysis.report import leaderboard
-    from analysis.stores import load_study
-    from fine_tune.sweep import top_table
+    from fine_tune.study.summary import top_table
 
     cfg = sweep_cfg(n_trials=2, search={**SEARCH, "label_smoothing": {"low": 0.0, "high": 0.2}})
     study = run_sweep(cfg, progress=False, log=lambda s: None)
@@ -174,8 +174,8 @@ def test_a_searched_hyperparameter_is_sampled_logged_tabled_and_reported(sweep_c
 def test_the_model_is_searchable_and_the_report_groups_by_it(tmp_path):
     """`model` is a hyperparameter like any other: trials sample it, each trains its own architecture, and the report
     gives each model's best trial."""
+    from analysis.read import load_study
     from analysis.report import by_model
-    from analysis.stores import load_study
 
     cfg = tiny_sweep(tmp_path / "runs", None, study="models", n_trials=4,
                      search={"model": ["simplenet", "cnn"], "lr": {"low": 1e-3, "high": 1e-2, "log": True}})

@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-
-from fine_tune import threads
-from fine_tune.errors import ConfigError
 from helpers import ROOT
+
+from fine_tune.errors import ConfigError
+from fine_tune.learn import threads
 
 
 @pytest.fixture(autouse=True)

@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
-
-from fine_tune import archs, weights
-from fine_tune.__main__ import main
-from fine_tune.checkpoints import CheckpointError
-from fine_tune.data import splits_for
-from fine_tune.models import build_model, count_params
-from fine_tune.train import train
 from helpers import tiny_config, write_image_folder
+
+from fine_tune import archs
+from fine_tune.__main__ import main
+from fine_tune.errors import CheckpointError
+from fine_tune.learn import weights
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.models import build_model, count_params
+from fine_tune.learn.train import train
 
 
 def test_the_supported_names_are_torchvisions_own():
@@ -119,7 +120,7 @@ def test_a_weights_file_that_matches_its_name_becomes_the_backbone(tmp_path, tor
     import torchvision
 
     from fine_tune.experiment import load_config
-    from fine_tune.pretrain import backbone_for
+    from fine_tune.learn.pretrain import backbone_for
 
     torch_home.mkdir(parents=True)
     state = torchvision.models.resnet18().state_dict()

@@ -2,9 +2,10 @@
 import pytest
 from mlflow.exceptions import MlflowException
 
-from fine_tune.interrupts import interrupt, rearm, shielded
-from fine_tune.stores import tracking_uri
-from fine_tune.tracking import StudyTracker, run_scope
+from fine_tune.track.interrupts import interrupt, rearm, shielded
+from fine_tune.track.stores import tracking_uri
+from fine_tune.track.tracking import run_scope
+from fine_tune.track.tree import StudyTracker
 
 
 @pytest.fixture

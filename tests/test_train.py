@@ -4,14 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
-from fine_tune import checkpoints
-from fine_tune.data import splits_for
-from fine_tune.models import build_model, count_params
-from fine_tune.train import cloned, prepare_model, train
+from fine_tune.learn import checkpoints
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.models import build_model, count_params
+from fine_tune.learn.train import cloned, prepare_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_epoch_scores_equal_sklearns(tiny):
     """The per-epoch scores are counted without sklearn (for speed); they must be sklearn's numbers."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    from fine_tune.train import evaluate, scores
+    from fine_tune.learn.train import evaluate, scores
 
     cfg = tiny(epochs=1)
     splits = splits_for(cfg)
@@ -118,7 +118,7 @@ def test_per_class_report_and_confusion_equal_sklearns(tiny):
     process ~0.9 s); they must be sklearn's, including a class never predicted and a class with no test image."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from fine_tune.metrics import confusion, per_class_report
+    from fine_tune.learn.metrics import confusion, per_class_report
 
     cfg = tiny(epochs=1)
     splits = splits_for(cfg)
@@ -138,7 +138,7 @@ def test_per_class_report_and_confusion_equal_sklearns(tiny):
 
 def test_cloned_state_is_untouched_by_later_training_steps():
     """The per-epoch snapshot (model and Adam state) must not follow the live objects: pure unit test."""
-    from fine_tune.models import build_model
+    from fine_tune.learn.models import build_model
 
     model = build_model("simplenet", 5, 16)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)

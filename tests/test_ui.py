@@ -9,10 +9,10 @@ import urllib.request
 
 import optuna
 import pytest
-
-from analysis.__main__ import main as analysis_main
 from browser import Page, chromium
 from helpers import cli_env, study_in, write_experiment
+
+from analysis.__main__ import main as analysis_main
 
 pytestmark = pytest.mark.slow
 

@@ -1,40 +1,20 @@
-"""Experiment tracking behind one small interface; MLflow is imported here and nowhere else in fine_tune.
-
-`NullTracker` does nothing, so the training loop never asks `if tracking:`. `StudyTracker` keeps one MLflow tree per
-Optuna study: one parent run (found again by tag on resume) and one child run per trial, created with an explicit
-parent id so workers in other processes attach to the same tree. `run_scope` is the one lifecycle of a child run:
-open, feed, and close with the status that says how it ended, never left RUNNING. The registry is `registry.py`.
+"""One MLflow run and its one lifecycle. `RunTracker` writes a run through the client with an explicit run id (safe
+across processes) and satisfies the training loop's `Tracker` protocol; `run_scope` opens a run, lets it be fed and
+closes it with the status that says how it ended, never RUNNING; `train_in_run` is that lifecycle around a training
+run, for every kind of run (trials, `make train`, `make rerun`, confirm, curve). The study's tree is `tree.py`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
-from fine_tune.interrupts import shielded, store_write
-from fine_tune.stores import artifact_location, mlflow_client
-
-PARENT_TAG = "fine_tune.role"
-
-
-class Tracker(Protocol):
-    def log_params(self, params: dict[str, Any]) -> None: ...
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-
-
-class NullTracker:
-    """Accepts everything, records nothing."""
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
+from fine_tune.names import OUTCOME, REASON, TRIAL_STATE
+from fine_tune.track.interrupts import shielded, store_write
+from fine_tune.track.stores import artifact_location, mlflow_client
 
 
 def metric_key(name: str) -> str:
@@ -187,9 +167,9 @@ class RunTracker:
         """Close the run. A pruned run ends KILLED (MLflow has no better status), so its tags and description say it
         was pruned, not killed: `fine_tune.outcome` and `mlflow.note.content` (the UI's description)."""
         outcome = {"PRUNED": reason or "pruned", "COMPLETE": "complete"}.get(state, f"{status.lower()}: {reason}")
-        tags = {"optuna.trial_state": state, "fine_tune.outcome": outcome[:250]}
+        tags = {TRIAL_STATE: state, OUTCOME: outcome[:250]}
         if reason:
-            tags["fine_tune.reason"] = reason[:5000]
+            tags[REASON] = reason[:5000]
         if note or state == "PRUNED":
             tags["mlflow.note.content"] = note or (f"**Pruned** ({reason}): the pruner stopped it because its "
                                                    "validation score was below the median of the complete trials at "
@@ -247,7 +227,7 @@ def open_run(client, experiment: str, name: str, tags: dict[str, str], params: d
     """A new run with its provenance tags (code, environment), params and `record` (see RunTracker.record); closed
     FAILED (and the error raised) if the stores refuse any of it, so no caller is handed a run it would have to
     close."""
-    from fine_tune.provenance import source_tags
+    from fine_tune.track.provenance import source_tags
 
     parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     run = client.create_run(experiment, run_name=name, tags={**source_tags(verb), **parent, **tags})
@@ -267,110 +247,14 @@ def close_run(uri: str, run_id: str, status: str, state: str, reason: str) -> No
     RunTracker(mlflow_client(uri), run_id).end(status, state, reason)
 
 
-class StudyTracker:
-    """The MLflow side of one Optuna study: experiment = study name, one parent run, a child per trial.
-
-    `uri` is resolved (and checked reachable) by the caller, once per sweep."""
-
-    def __init__(self, study_name: str, uri: str, verb: str = "sweep", role: str = "study"):
-        """`role`: the parent's `fine_tune.role`, "study" for the sweep's; `make confirm` keeps its re-runs under a
-        parent of its own ("confirm"), so the study's parent run's clock is the sweeps'."""
-        # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
-        self.study_name, self.uri, self.verb, self.role = study_name, uri, verb, role
-        self.client = mlflow_client(uri)
-        self.experiment_id = experiment_id(self.client, study_name)
-        self.parent = RunTracker(self.client, self._parent_run_id())
-
-    def describe(self) -> None:
-        """The parent run's provenance: the source tags of this invocation, the environment and a dirty tree's diff
-        as artifacts (once per study and change; the children refer to them by hash). The launcher calls it, once."""
-        from fine_tune.provenance import log_provenance, source_tags
-
-        tags = self.client.get_run(self.parent.run_id).data.tags
-        self.parent.set_tags(source_tags(self.verb))
-        log_provenance(self.parent, tags)
-
-    def _parent_run_id(self) -> str:
-        """The study's one parent run: found again by tag on resume, created only the first time.
-
-        Workers on several machines may start at once and each create one; all of them then settle on the
-        earliest, and a worker whose own run lost deletes it, so the tree keeps exactly one parent.
-        """
-        def parents():
-            return self.client.search_runs([self.experiment_id], order_by=["attributes.start_time ASC"],
-                                           filter_string=f"tags.`{PARENT_TAG}` = '{self.role}' and "
-                                                         f"tags.`optuna.study_name` = '{self.study_name}'")
-
-        found = parents()
-        if not found:
-            name = self.study_name if self.role == "study" else self.role
-            mine = self.client.create_run(self.experiment_id, run_name=name,
-                                          tags={PARENT_TAG: self.role, "optuna.study_name": self.study_name})
-            found = sorted(parents(), key=lambda r: (r.info.start_time, r.info.run_id))
-            if found[0].info.run_id != mine.info.run_id:
-                self.client.delete_run(mine.info.run_id)
-        run_id = found[0].info.run_id
-        self.client.update_run(run_id, status="RUNNING")
-        return run_id
-
-    @store_write
-    def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any], record: tuple | None = None
-                  ) -> RunTracker:
-        """A child run of the study's parent, created with an explicit parent id (works from any process)."""
-        return open_run(self.client, self.experiment_id, name, {"optuna.study_name": self.study_name, **tags}, params,
-                        self.verb, self.parent.run_id, record)
-
-    def start_trial(self, number: int, params: dict[str, Any], record: tuple | None = None) -> RunTracker:
-        # a short name the runs table does not truncate: the experiment already says the study
-        return self.start_run(f"t{number:03d}", {PARENT_TAG: "trial", "optuna.trial_number": str(number),
-                                                 "optuna.trial_state": "RUNNING"}, params, record)
-
-    @store_write
-    def reopen(self, run_id: str, retry_number: int) -> RunTracker:
-        """Continue a trial's run after its worker died: the retry logs into the same run."""
-        self.client.update_run(run_id, status="RUNNING")
-        run = RunTracker(self.client, run_id)
-        tags = self.client.get_run(run_id).data.tags
-        for stale in ("fine_tune.reason", "fine_tune.outcome"):  # why the attempt before stopped: not this one's
-            if stale in tags:
-                self.client.delete_tag(run_id, stale)
-        run.set_tags({"optuna.trial_state": "RUNNING", "optuna.retry_trial_number": retry_number,
-                      "fine_tune.retried_after": tags.get("fine_tune.reason", "")[:250]})
-        return run
-
-    @store_write
-    def define(self, definition: dict[str, Any]) -> None:
-        """The study's definition (search space, sampler, pruner, objective, trial count, seed) as the parent's params:
-        written by the first sweep; a later sweep that changes it leaves the first as it was (MLflow params cannot
-        change) and records the change in the tag `fine_tune.definition_changed`."""
-        from mlflow.exceptions import MlflowException
-
-        logged = self.client.get_run(self.parent.run_id).data.params
-        new = {k: str(v) for k, v in definition.items()}
-        if not logged:
-            try:
-                self.parent.write_params(new)
-            except MlflowException:  # two sweeps started together: the other wrote them between our read and write
-                logged = self.client.get_run(self.parent.run_id).data.params
-                if not logged:
-                    raise
-        changed = sorted(k for k in new if k in logged and logged[k] != new[k] and k != "n_trials")
-        if changed:
-            self.parent.set_tags({"fine_tune.definition_changed": ", ".join(changed)})
-
-    @store_write
-    def describe_result(self, markdown: str) -> None:
-        """The parent run's description (the UI's Description, `mlflow.note.content`)."""
-        self.parent.set_tags({"mlflow.note.content": markdown})
-
-    @store_write
-    def summarise(self, summary: dict[str, Any]) -> None:
-        """Refresh the parent run's summary (best value and params, counts by state)."""
-        metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.parent.log_metrics(metrics, step=summary.get("trials_complete", 0))
-        self.parent.flush({f"summary.{k}": v for k, v in summary.items() if k not in metrics})
-
-    @store_write
-    def close(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent.run_id, status=status)
+def train_in_run(open_run: Callable[[], RunTracker], train: Callable[[RunTracker], Any],
+                 outcome: Callable[[BaseException], tuple[str, str, str]] = interrupted_or_failed):
+    """Train inside a run: `train(run)` gives a `Result`; a finished one is logged (test metrics, checkpoint,
+    evaluation), a diverged one closes the run FAILED with its message. Returns the result and the run."""
+    with run_scope(open_run, outcome) as run:
+        result = train(run)
+        if result.status != "finished":
+            run.end("FAILED", "FAIL", result.message)
+        else:
+            run.log_result(result)
+    return result, run

@@ -28,6 +28,7 @@ import time
 
 from fine_tune.archs import SMALL
 
+
 def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -118,8 +119,7 @@ def wait_policy(models: list[str], workers: int = 1, setting: int | None = None,
 
 def configure(cfg, workers: int = 1) -> None:
     """Before torch is imported: choose the wait policy for this process and the workers it spawns."""
-    models = cfg.search.model.values() if cfg.search and cfg.search.model else [cfg.model]
-    policy = wait_policy(list(models), workers, cfg.threads)
+    policy = wait_policy(cfg.trial_models(), workers, cfg.threads)
     if policy:
         os.environ["OMP_WAIT_POLICY"] = policy
 

@@ -16,7 +16,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from fine_tune.stores import optuna_url, tracking_uri
+from fine_tune.track.stores import optuna_url, tracking_uri
 
 ROLE = "tags.fine_tune.role"
 

@@ -9,8 +9,8 @@ import pandas as pd
 
 from analysis import plots
 from analysis.format import discrete, hyperparameter_columns
+from analysis.read import StudyData, metric_history
 from analysis.render import Bullets, Heading, Image, Text
-from analysis.stores import StudyData, metric_history
 
 SCORE = "val/f1_macro"  # what the learning curves show (the best epoch's value is the checkpoint's)
 CURVES = 5  # trials in the learning-curve figure

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from fine_tune.errors import CheckpointError  # noqa: F401 - raised here, caught by the CLI
 
+from fine_tune.errors import CheckpointError
 
 
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:

@@ -11,16 +11,17 @@ import os
 import signal
 import socket
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
 
-from fine_tune.stores import trial_counts
-from fine_tune.tracking import RunTracker, StudyTracker, close_run
-from fine_tune.errors import WorkerDied  # noqa: F401 - raised here, caught by the CLI
+from fine_tune.errors import WorkerDied
+from fine_tune.names import TRIAL, TRIAL_NUMBER, role_filter
+from fine_tune.track.stores import mlflow_client, quiet_experimental, trial_counts
+from fine_tune.track.tracking import RunTracker, close_run
+from fine_tune.track.tree import StudyTracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -47,8 +48,7 @@ class CloseStaleTrial:
 
     def __init__(self, tracking_uri: str | None, max_retry: int = 2):
         self.tracking_uri = tracking_uri
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -56,30 +56,26 @@ class CloseStaleTrial:
             for run_id in runs_of_trial(self.tracking_uri, study.study_name, trial):
                 close_run(self.tracking_uri, run_id, "FAILED", "FAIL",
                           f"worker stopped heartbeating during trial {trial.number}; the trial was re-queued")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             self.retry(study, trial)
 
 
 def runs_of_trial(uri: str, study_name: str, trial: optuna.trial.FrozenTrial) -> list[str]:
     """The MLflow runs of a trial whose worker died: the one it recorded, and any RUNNING run tagged with its number
     (a worker killed between creating the run and recording its id leaves one only the tag finds)."""
-    from fine_tune.stores import mlflow_client
-
     found = {trial.user_attrs["mlflow_run_id"]} if trial.user_attrs.get("mlflow_run_id") else set()
     client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(study_name)
     if experiment is not None:
         found |= {r.info.run_id for r in client.search_runs(
-            [experiment.experiment_id], f"tags.`optuna.trial_number` = '{trial.number}' and "
-                                        f"tags.`fine_tune.role` = 'trial' and attributes.status = 'RUNNING'")}
+            [experiment.experiment_id], f"tags.`{TRIAL_NUMBER}` = '{trial.number}' and "
+                                        f"{role_filter(TRIAL)} and attributes.status = 'RUNNING'")}
     return sorted(found)
 
 
 def reap(study: optuna.Study) -> None:
     """Fail the study's trials whose heartbeat is stale (CloseStaleTrial then closes and re-queues each)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
 
 
@@ -103,7 +99,7 @@ class Attempt:
     def open_run(self, tracker: StudyTracker, params: dict, record: tuple) -> RunTracker:
         """The trial's MLflow run: a new child run (with `record`, see RunTracker.record), or on a retry the run of the
         trial it continues."""
-        from fine_tune import checkpoints
+        from fine_tune.learn import checkpoints
 
         if self.original is not None and "mlflow_run_id" in self.trial.user_attrs:
             run = tracker.reopen(self.trial.user_attrs["mlflow_run_id"], self.trial.number)

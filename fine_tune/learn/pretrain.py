@@ -15,11 +15,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fine_tune import checkpoints
 from fine_tune.config import Config
-from fine_tune.data import splits_for
-from fine_tune.models import build_model
-from fine_tune.train import train
+from fine_tune.learn import checkpoints
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.models import build_model
+from fine_tune.learn.train import train
 
 
 def source_config(cfg: Config) -> Config:
@@ -59,8 +59,8 @@ def backbone_for(cfg: Config, log: Callable[[str], None] = print) -> str | None:
 def from_torchvision(cfg: Config, log: Callable[[str], None] = print) -> Path:
     """torchvision's weights for `cfg.model` (checked, offline-safe) as one of our backbone checkpoints; a ViT's
     position embedding is interpolated to the run's image size."""
-    from fine_tune import weights
-    from fine_tune.models import Net
+    from fine_tune.learn import weights
+    from fine_tune.learn.models import Net
 
     state, source = weights.load(cfg.model, cfg.weights)
     if cfg.model.startswith("vit_") and cfg.input_size() != 224:

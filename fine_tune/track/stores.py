@@ -7,15 +7,16 @@ the same locations from here. Nothing heavy is imported at module level: `make r
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sqlite3
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from fine_tune.errors import StorageError, TrackingError  # noqa: F401 - raised here, caught by the CLI
+from fine_tune.errors import StorageError, TrackingError
 
 # MLflow draws a progress bar on stderr for every artifact it downloads (a champion's checkpoint, a re-run's config),
 # and with a tracking server prints "View run ... / View experiment ..." on stdout at the end of every run, through
@@ -162,6 +163,17 @@ def tune_sqlite(engine) -> None:
     engine.dispose()  # connections opened before the hook (table creation) are replaced by tuned ones
 
 
+@contextlib.contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Optuna's ExperimentalWarning silenced for a block: features we rely on on purpose (heartbeats, metric names,
+    its matplotlib plots) warn on every use."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
                    on_stale: Callable[[Any, Any], None] | None = None):
     """Optuna's RDB storage with heartbeats, so a trial whose worker died is failed (and `on_stale` called on it)
@@ -171,16 +183,14 @@ def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
     check_sqlite(url, "Optuna storage", "a sweep")
 
     def create(temp: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             optuna.storages.RDBStorage(temp).engine.dispose()  # journal mode DELETE: all of it in the one file
 
     create_atomically(url, create)
     # SQLite serialises writers; with several local workers a write may wait, so wait long instead of failing.
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
                                                  grace_period=grace, heartbeat_stale_trial_callback=on_stale)
     except Exception as e:  # sqlalchemy's OperationalError, ArgumentError, a missing driver...
@@ -189,6 +199,16 @@ def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
                            "/ sweep.storage") from None
     tune_sqlite(storage.engine)
     return storage
+
+
+def existing_study(name: str, url: str):
+    """The Optuna study `name` in the storage at `url`, or None when it does not exist there."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=optuna_storage(url))
+    except KeyError:
+        return None
 
 
 def mlflow_client(uri: str):

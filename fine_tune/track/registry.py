@@ -50,9 +50,9 @@ def _trial_model(client, run_id: str):
     import yaml
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from fine_tune import checkpoints
     from fine_tune.config import Config
-    from fine_tune.models import build_model
+    from fine_tune.learn import checkpoints
+    from fine_tune.learn.models import build_model
 
     repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +84,7 @@ def register_best(client, name: str, run_id: str, value: float, objective: str, 
             contextlib.redirect_stderr(io.StringIO()):
         info = mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle", signature=signature, input_example=example.numpy(),
-            code_paths=[str(Path(__file__).resolve().parent)],  # the Net class travels with the model
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # the Net class travels with the model
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
         version = mlflow.register_model(info.model_uri, name, tags={
             "objective": objective, "objective_value": str(value), "optuna.trial_number": str(trial_number),

@@ -8,40 +8,38 @@ import glob
 from pathlib import Path
 from typing import Callable
 
-from fine_tune import checkpoints
-from fine_tune.config import Config, ConfigError
-from fine_tune.data import splits_for
-from fine_tune.interrupts import interruptible
-from fine_tune.pretrain import backbone_for
-from fine_tune.provenance import differences, log_provenance
-from fine_tune.stores import check_reachable, check_writable, mlflow_client, tracking_uri
-from fine_tune.inputs import single_inputs
-from fine_tune.tracking import PARENT_TAG, NullTracker, experiment_id, open_run, run_scope
-from fine_tune.train import Result, check_device, train
+from fine_tune.config import Config
+from fine_tune.errors import ConfigError
+from fine_tune.learn import checkpoints
+from fine_tune.learn.data import Splits, splits_for
+from fine_tune.learn.pretrain import backbone_for
+from fine_tune.learn.train import NullTracker, Result, train
+from fine_tune.names import REASON, REPRODUCTION, RERUN_OF, ROLE, TRAIN, TRAINING_ROLES
+from fine_tune.study.inputs import backbone_of, run_params, run_record
+from fine_tune.study.preflight import preflight
+from fine_tune.track.interrupts import interruptible
+from fine_tune.track.provenance import differences, log_provenance
+from fine_tune.track.stores import check_reachable, mlflow_client, tracking_uri
+from fine_tune.track.tracking import experiment_id, open_run, train_in_run
 
 COMPARED = (("val/accuracy", "best/val/accuracy"), ("val/f1_macro", "best/val/f1_macro"),
             ("test/accuracy", "test/accuracy"), ("test/f1_macro", "test/f1_macro"))
-OURS = ("trial", "rerun", "train", "curve", "reproduction")
 
 
-def tracked_train(cfg: Config, splits, backbone: str | None, tags: dict[str, str], verb: str, name: str,
-                  on_epoch: Callable | None = None, experiment: str | None = None) -> tuple[Result, str | None]:
+def tracked_train(cfg: Config, splits: Splits, backbone: str | None, tags: dict[str, str], verb: str, name: str,
+                  on_epoch: Callable | None = None, experiment: str | None = None) -> tuple[Result, str]:
     """Train `cfg` as one run of the MLflow experiment `experiment` (default: the study's), not under a sweep's
     parent: params, provenance, config.yaml, dataset inputs, curves and the result. Returns the result and the run id."""
-    uri = tracking_uri(cfg.runs_dir)
-    check_reachable(uri)
-    client = mlflow_client(uri)
-    inputs = single_inputs(cfg, splits, backbone)
+    client = mlflow_client(tracking_uri(cfg.runs_dir))
+    params, record = run_params(cfg, splits, backbone_of(backbone)), run_record(cfg, splits)
+
+    def trained(run):
+        log_provenance(run, {})
+        return train(cfg, splits, backbone, tracker=run, on_epoch=on_epoch)
+
     with interruptible():
         exp = experiment_id(client, experiment or cfg.study)
-        with run_scope(lambda: open_run(client, exp, name, tags, inputs.run_params(cfg), verb,
-                                        record=inputs.record(cfg))) as run:
-            log_provenance(run, {})
-            result = train(cfg, splits, backbone, tracker=run, on_epoch=on_epoch)
-            if result.status != "finished":
-                run.end("FAILED", "FAIL", result.message)
-            else:
-                run.log_result(result)
+        result, run = train_in_run(lambda: open_run(client, exp, name, tags, params, verb, record=record), trained)
     return result, run.run_id
 
 
@@ -49,8 +47,7 @@ def train_once(cfg: Config, track: bool, on_epoch: Callable | None = None, log: 
                ) -> tuple[Result, str | None]:
     """`make train`: the backbone (first: a missing weights file fails before the data is read), the splits, then
     one run, tracked unless `track` is false."""
-    check_device(cfg.device)
-    check_writable(cfg.runs_dir)
+    preflight(cfg, track)
     backbone = backbone_for(cfg, log)
     splits = splits_for(cfg)
     log(f"{cfg.study}: {cfg.model} on classes {', '.join(splits.class_names)} | train {len(splits.train)} / val "
@@ -58,7 +55,7 @@ def train_once(cfg: Config, track: bool, on_epoch: Callable | None = None, log: 
         f"{cfg.frozen_layers}, head {cfg.head_size}, lr {cfg.lr:g}")
     if not track:
         return train(cfg, splits, backbone, tracker=NullTracker(), on_epoch=on_epoch), None
-    return tracked_train(cfg, splits, backbone, {PARENT_TAG: "train"}, "train", f"train/s{cfg.seed}", on_epoch)
+    return tracked_train(cfg, splits, backbone, {ROLE: TRAIN}, "train", f"train/s{cfg.seed}", on_epoch)
 
 
 # --- make rerun
@@ -104,7 +101,7 @@ def _backbone(cfg: Config, params: dict, log: Callable[[str], None]) -> tuple[st
                   f"{checkpoints.file_sha256(path)[:16] if path else 'none'}"]
 
 
-def rerun(run_id: str, runs_dir: str = "runs", log: Callable[[str], None] = print) -> tuple[bool, str]:
+def reproduce(run_id: str, runs_dir: str = "runs", log: Callable[[str], None] = print) -> tuple[bool, str]:
     """Reproduce the run `run_id`: returns whether every compared metric is identical, and the printed comparison."""
     from mlflow.exceptions import MlflowException
 
@@ -117,13 +114,14 @@ def rerun(run_id: str, runs_dir: str = "runs", log: Callable[[str], None] = prin
         raise ConfigError(f"run {run_id} is not in {uri}; copy its id from the MLflow UI or point "
                           "MLFLOW_TRACKING_URI / --runs-dir at its store") from None
     tags, params = run.data.tags, run.data.params
-    if tags.get(PARENT_TAG) not in OURS:
-        raise ConfigError(f"run {run_id} was not made by a fine_tune training run (tag {PARENT_TAG} = "
-                          f"{tags.get(PARENT_TAG)!r}); only trials, re-runs, train and curve runs can be rerun")
+    if tags.get(ROLE) not in TRAINING_ROLES:
+        raise ConfigError(f"run {run_id} was not made by a fine_tune training run (tag {ROLE} = "
+                          f"{tags.get(ROLE)!r}); only trials, re-runs, train and curve runs can be rerun")
     if run.info.status != "FINISHED":
-        raise ConfigError(f"run {run_id} ended {run.info.status} ({tags.get('fine_tune.reason', 'no reason')[:80]}); "
+        raise ConfigError(f"run {run_id} ended {run.info.status} ({tags.get(REASON, 'no reason')[:80]}); "
                           "only finished runs have results to reproduce")
     cfg = _logged_config(client, run)
+    preflight(cfg)
     if cfg.threads is None and "threads" in run.data.metrics:  # the count changes the sums: train with the run's
         cfg = cfg.model_copy(update={"threads": int(run.data.metrics["threads"])})
     notes = differences(tags)
@@ -134,7 +132,7 @@ def rerun(run_id: str, runs_dir: str = "runs", log: Callable[[str], None] = prin
     logged_digests = {i.dataset.digest for i in run.inputs.dataset_inputs}
     if logged_digests and logged_digests != set(splits.digests.values()):
         more.append("the data differ: the splits made now do not hash like the run's dataset inputs")
-    result, new_id = tracked_train(cfg, splits, backbone, {PARENT_TAG: "reproduction", "fine_tune.rerun_of": run_id},
+    result, new_id = tracked_train(cfg, splits, backbone, {ROLE: REPRODUCTION, RERUN_OF: run_id},
                                    "rerun", f"{run.info.run_name}/rerun",
                                    experiment=client.get_experiment(run.info.experiment_id).name)
     logged = {k: run.data.metrics.get(key) for k, key in COMPARED}

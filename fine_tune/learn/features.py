@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from fine_tune import checkpoints
-from fine_tune.data import Split, Splits
-from fine_tune.models import Net, inference_batch
+from fine_tune.errors import CheckpointError
+from fine_tune.learn import checkpoints
+from fine_tune.learn.data import Split, Splits
+from fine_tune.learn.models import Net, inference_batch
 
 _memory: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -53,7 +54,7 @@ def frozen_features(model: Net, k: int, splits: Splits, device: torch.device,
     if feats is None and path is not None and path.is_file():
         try:
             feats, on_disk = checkpoints.load_any(path), True
-        except checkpoints.CheckpointError:
+        except CheckpointError:
             feats = None  # a damaged cache entry is rebuilt, never trusted
     if feats is None:
         was_training = model.training

@@ -10,20 +10,36 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fine_tune import checkpoints, threads
 from fine_tune.archs import SMALL
 from fine_tune.config import Config
-from fine_tune.data import Split, Splits, splits_for
-from fine_tune.features import frozen_features
-from fine_tune.metrics import accuracy, confusion, macro_f1, per_class_report
-from fine_tune.models import Net, build_model, count_params, inference_batch
-from fine_tune.tracking import NullTracker, Tracker
+from fine_tune.learn import checkpoints, threads
+from fine_tune.learn.data import Split, Splits, splits_for
+from fine_tune.learn.device import pick_device
+from fine_tune.learn.features import frozen_features
+from fine_tune.learn.metrics import accuracy, confusion, macro_f1, per_class_report
+from fine_tune.learn.models import Net, build_model, count_params, inference_batch
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
 
 
 @dataclass
@@ -47,27 +63,6 @@ def warm_up() -> None:
     imports torch._dynamo (~1-2 s). A worker that reads its data itself gets it with torchvision; one handed its
     splits does not, and paid it inside its first trial (make bench (f) 1.41 -> 1.12x)."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-
-
-def check_device(name: str) -> None:
-    """A device the config names must be on this machine: one line now, not a traceback in the first trial."""
-    from fine_tune.config import ConfigError
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda is not available on this machine (no GPU or no CUDA build of torch); use "
-                          "device: auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device: mps is not available on this machine (Apple silicon only); use device: auto or cpu")
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fine_tune.config import Config, SearchSpace
-from fine_tune.stores import trial_counts
+from fine_tune.track.stores import trial_counts
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:

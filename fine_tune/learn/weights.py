@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fine_tune.checkpoints import CheckpointError
+from fine_tune.errors import CheckpointError
 
 
 def resolve(arch: str, name: str):

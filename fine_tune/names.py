@@ -1,0 +1,30 @@
+"""The names every store and every reader shares, in one torch-free module that `analysis/` imports too: the tag
+that says what made a run and its values, the tags a run of each kind carries, the metric vocabulary and the name of
+a study's label-efficiency experiment. A tag or key written here is read back under the same name everywhere."""
+
+# `fine_tune.role`: what made a run. A study's tree holds one `study` parent (and one `confirm` parent) with `trial`
+# and `rerun` children; `make train` runs are `train`, `make rerun` makes `reproduction`s, `make curve` `curve` runs.
+ROLE = "fine_tune.role"
+STUDY, CONFIRM, TRIAL, RERUN, TRAIN, REPRODUCTION, CURVE = ("study", "confirm", "trial", "rerun", "train",
+                                                            "reproduction", "curve")
+TRAINING_ROLES = (TRIAL, RERUN, TRAIN, CURVE, REPRODUCTION)  # the runs that trained a model (make rerun takes them)
+
+# What a run is (a re-run's trial and seed, a curve run's arm and budget) and how it ended.
+RERUN_OF, SEED, VARY, WORKER = "fine_tune.rerun_of", "fine_tune.seed", "fine_tune.vary", "fine_tune.worker"
+ARM, BUDGET = "fine_tune.arm", "fine_tune.budget"
+REASON, OUTCOME, CHAMPION = "fine_tune.reason", "fine_tune.outcome", "fine_tune.champion"
+STUDY_NAME, TRIAL_NUMBER, TRIAL_STATE = "optuna.study_name", "optuna.trial_number", "optuna.trial_state"
+
+# The metric vocabulary: MLflow keys, Optuna's objective and the report's columns.
+SCORE = "val/f1_macro"  # what the report's figures compare runs by (the best epoch's value)
+SUMMARY = ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro", "best_epoch", "epochs_run")
+
+
+def role_filter(role: str) -> str:
+    """An MLflow search filter for the runs of one role."""
+    return f"tags.`{ROLE}` = '{role}'"
+
+
+def curve_experiment(study: str) -> str:
+    """The MLflow experiment that holds a study's label-efficiency curve (`make curve`)."""
+    return f"{study}-curve"

@@ -1,0 +1,110 @@
+"""Label efficiency: test accuracy against labeled images per class, for three ways of using the same architecture -
+the pretrained backbone fine-tuned (with the study's best hyperparameters when the study has them), the same model
+trained from scratch, and a linear probe of the frozen pretrained backbone - each budget and arm over several seeds.
+
+Every run is a child run of the MLflow experiment `<study>-curve`, tagged `fine_tune.role=curve`, `fine_tune.arm`,
+`fine_tune.budget`, `fine_tune.seed`; runs already finished are skipped, so `make curve` resumes. `python -m analysis
+curve` turns them into the plot and the table.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from optuna.trial import TrialState
+
+from fine_tune import archs
+from fine_tune.config import Config
+from fine_tune.errors import ConfigError
+from fine_tune.learn.data import splits_for
+from fine_tune.learn.pretrain import backbone_for
+from fine_tune.learn.train import Result, train
+from fine_tune.names import ARM, BUDGET, CURVE, ROLE, SEED, curve_experiment, role_filter
+from fine_tune.study.inputs import backbone_of, run_params, run_record
+from fine_tune.study.preflight import preflight
+from fine_tune.track.stores import existing_study, optuna_url
+from fine_tune.track.tracking import train_in_run
+from fine_tune.track.tree import StudyTracker, parent_run
+
+ARMS = ("fine-tuned", "from scratch", "linear probe")
+
+
+def study_best(cfg: Config) -> dict:
+    """The best complete trial's hyperparameters of the study `cfg.study`, or {} when there is none yet."""
+    study = existing_study(cfg.study, optuna_url(cfg.runs_dir, cfg.sweep.storage))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []
+    return max(complete, key=lambda t: (t.value, -t.number)).params if complete else {}
+
+
+def draw_seed(cfg: Config, seed: int) -> int:
+    """The data seed of a curve run: its own seed, unless the target shares classes with pretraining; then every run
+    draws from the images held out of pretraining in the experiment's own order (another order would reach images
+    the backbone was pretrained on)."""
+    shares = cfg.pretrain is not None and set(cfg.pretrain.classes) & set(cfg.classes or range(10**6))
+    return cfg.data_seed if shares else seed
+
+
+def arm_config(cfg: Config, arm: str, budget: int, seed: int, best: dict, n_train: int) -> Config:
+    """One run of the curve: `budget` labels per class, trained with `seed` the way `arm` says. The batch is at most a
+    quarter of the `n_train` labeled images, so the smallest budgets still take a few steps per epoch."""
+    fields = {**cfg.model_dump(), **best, "budget_per_class": budget, "seed": seed, "data_seed": draw_seed(cfg, seed),
+              "search": None, "pretrain": None, "pretrained": None, "weights": None}
+    if arm == "from scratch":
+        fields["frozen_layers"] = 0
+    elif arm == "linear probe":
+        fields |= {"frozen_layers": archs.stage_count(fields["model"]), "head_size": 0, "lr": cfg.curve.probe_lr}
+    fields["batch_size"] = min(fields["batch_size"], max(2, n_train // 4))
+    return Config.model_validate(fields)
+
+
+def check_curve(cfg: Config) -> None:
+    """What a curve needs of the experiment, refused in one line before anything runs."""
+    if cfg.pretrain is None and cfg.weights is None and cfg.pretrained is None:
+        raise ConfigError("the curve compares a pretrained backbone with training from scratch; set pretrain:, "
+                          "weights: or pretrained:")
+    if draw_seed(cfg, -1) != -1 and max(cfg.curve.budgets) > cfg.pretrain.holdout_per_class:
+        raise ConfigError(f"the target shares classes with pretraining, so each curve budget must fit in the "
+                          f"{cfg.pretrain.holdout_per_class} images per class held out of it; raise "
+                          f"pretrain.holdout_per_class to {max(cfg.curve.budgets)} or drop the larger budgets")
+
+
+def run_curve(cfg: Config, log: Callable[[str], None] = print) -> int:
+    """Train every (budget, arm, seed) run not yet finished; return how many were added."""
+    check_curve(cfg)
+    uri = preflight(cfg)
+    best = {k: v for k, v in study_best(cfg).items() if k not in ("model", "image_size")}
+    log(f"curve of {cfg.study}: fine-tuned arm with " + (f"the study's best {best}" if best else
+                                                          "the experiment's own hyperparameters (no study yet)"))
+    backbone = backbone_of(backbone_for(cfg, log))
+    added = 0
+    with parent_run(curve_experiment(cfg.study), uri, verb="curve") as tracker:
+        done = {(r.data.tags.get(ARM), r.data.tags.get(BUDGET), r.data.tags.get(SEED))
+                for r in tracker.client.search_runs([tracker.experiment_id], role_filter(CURVE), max_results=10000)
+                if r.info.status == "FINISHED"}
+        for budget in cfg.curve.budgets:
+            for seed in range(cfg.curve.seeds):
+                todo = [arm for arm in ARMS if (arm, str(budget), str(seed)) not in done]
+                if not todo:
+                    continue
+                splits = splits_for(cfg.model_copy(update={"budget_per_class": budget,
+                                                           "data_seed": draw_seed(cfg, seed)}))
+                for arm in todo:
+                    result = curve_run(tracker, cfg, arm, budget, seed, best, splits, backbone)
+                    if result.status != "finished":
+                        continue
+                    added += 1
+                    log(f"budget {budget:4d}  {arm:13s} seed {seed}: test/accuracy "
+                        f"{result.metrics['test/accuracy']:.4f}  test/f1_macro {result.metrics['test/f1_macro']:.4f}"
+                        f"  ({result.metrics['time/train_s']:.1f}s)")
+    return added
+
+
+def curve_run(tracker: StudyTracker, cfg: Config, arm: str, budget: int, seed: int, best: dict, splits,
+              backbone: tuple) -> Result:
+    """One (arm, budget, seed) point of the curve as a child run of the curve's parent."""
+    run_cfg = arm_config(cfg, arm, budget, seed, best, len(splits.train))
+    start = (None, None) if arm == "from scratch" else backbone
+    tags = {ROLE: CURVE, ARM: arm, BUDGET: str(budget), SEED: str(seed)}
+    params, record = run_params(run_cfg, splits, start), run_record(run_cfg, splits)
+    result, _ = train_in_run(lambda: tracker.start_run(f"b{budget}/{arm}/s{seed}", tags, params, record),
+                             lambda run: train(run_cfg, splits, start[0], tracker=run))
+    return result
