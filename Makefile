@@ -38,13 +38,16 @@ $(STAMP):
 	$(PY) -m pip install -q -r requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# Debian's data package, installed here (root with apt) when missing: the library only finds files, never installs.
+# Debian's data packages, installed here (root with apt) when missing: the library only finds files, never installs.
 FASHION_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-data: venv ## locate (or install, as root with apt) Fashion-MNIST and extract it under data/
+FORTUNES_DEB := /usr/share/games/fortunes/computers
+APT_INSTALL = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q $(1) || \
+	{ apt-get update -q && apt-get install -y -q $(1); }; } >/dev/null 2>&1
+data: venv ## locate (or install, as root with apt) Fashion-MNIST and the fortunes corpus; extract what EXPERIMENT needs under data/
 	@test -f $(FASHION_DEB) || test -n "$$FINE_TUNE_DATA" || test -f data/FashionMNIST/raw/train-images-idx3-ubyte || \
-	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q dataset-fashion-mnist || \
-	    { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1; } || true
-	$(PY) -m fine_tune data
+	  { $(call APT_INSTALL,dataset-fashion-mnist); } || true
+	@test -f $(FORTUNES_DEB) || { $(call APT_INSTALL,fortunes fortunes-min); } || true
+	$(PY) -m fine_tune data --config $(EXPERIMENT)
 
 pretrain: data ## pretrain the backbone of EXPERIMENT on its source task (cached by config hash)
 	$(PY) -m fine_tune pretrain --config $(EXPERIMENT)
@@ -54,7 +57,7 @@ train: data ## fine-tune once per EXPERIMENT, tracked in MLflow, and print the f
 
 rerun: data ## reproduce a tracked run and compare its numbers: make rerun RUN=<mlflow run id>
 	@test -n "$(RUN)" || { echo "error: give the run to reproduce: make rerun RUN=<mlflow run id>"; exit 2; }
-	$(PY) -m fine_tune rerun $(RUN) --config $(EXPERIMENT)
+	$(PY) -m fine_tune rerun $(RUN) --config $(EXPERIMENT) $(ARGS)
 
 sweep: data ## run or resume the Optuna study of EXPERIMENT, every trial tracked in MLflow (N_TRIALS=n, WORKERS=n)
 	$(PY) -m fine_tune sweep --config $(EXPERIMENT) $(if $(WORKERS),--workers $(WORKERS)) $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(ARGS)
@@ -71,8 +74,9 @@ server: venv ## MLflow tracking server on PostgreSQL (SERVER_DB) with artifact s
 ui: venv ## MLflow UI over the same store: prints the URL of EXPERIMENT's runs table, on http://127.0.0.1:5000 (HOST/UI_PORT)
 	$(PY) -m fine_tune ui --config $(EXPERIMENT) --host $(HOST) --port $(UI_PORT)
 
-dashboard: venv ## optuna-dashboard over the same Optuna storage, on http://127.0.0.1:8080
-	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)
+dashboard: venv ## optuna-dashboard over the same Optuna storage: prints its URL, http://127.0.0.1:8080 (HOST/DASHBOARD_PORT)
+	@echo "optuna-dashboard: http://$(HOST):$(DASHBOARD_PORT)/dashboard (Ctrl-C stops it)"
+	@$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host $(HOST) --port $(DASHBOARD_PORT)
 
 report: venv ## write reports/<study>/report.{md,html} for EXPERIMENT's study (also logged to its MLflow parent run)
 	$(PY) -m analysis report --config $(EXPERIMENT) $(if $(STUDY),--study '$(STUDY)') $(ARGS)
@@ -87,11 +91,12 @@ curve: data ## label-efficiency curve of EXPERIMENT (fine-tuned vs from scratch 
 compare: venv ## compare studies side by side: make compare STUDIES="a b" -> reports/compare-a-b/
 	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)
 
-# The peer sweep of `make bench` (k) needs optuna-integration: installed for the benchmark only, beside the venv.
-BENCH_DEPS := .bench-deps/.installed-optuna-integration-5.0.0
+# The peers of `make bench` need optuna-integration (k) and accelerate (l, Trainer's search): installed for the
+# benchmark only, beside the venv (their own dependencies are already in it).
+BENCH_DEPS := .bench-deps/.installed-optuna-integration-5.0.0-accelerate-1.16.0
 $(BENCH_DEPS): $(STAMP)
-	$(PY) -m pip install -q --no-deps --target .bench-deps optuna-integration==5.0.0
-	@touch $@
+	$(PY) -m pip install -q --no-deps --upgrade --target .bench-deps optuna-integration==5.0.0 accelerate==1.16.0
+	@rm -f .bench-deps/.installed-* && touch $@
 
 bench: data $(BENCH_DEPS) ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning, start-up, load, the peer) -> reports/bench.md (ARGS="--only startup,load")
 	$(PY) -m benchmarks.bench $(EXPERIMENT) $(ARGS)

@@ -23,6 +23,7 @@ from analysis.stats import RESAMPLES
 from fine_tune.cli import ArgumentParser, positive_int
 from fine_tune.errors import ConfigError
 from fine_tune.experiment import load_config
+from fine_tune.track.stores import masked
 
 
 def cmd_report(args) -> int:
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --study NAME or --config EXPERIMENT")
         args.runs_dir = args.runs_dir or "runs"
         return args.fn(args)
-    except (ConfigError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, StoreError) as e:  # masked: a message may name a store by its URL
+        print(f"error: {masked(str(e))}", file=sys.stderr)
         return 2
 
 

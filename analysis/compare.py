@@ -9,7 +9,8 @@ from analysis import plots, stats
 from analysis.format import fmt, slug, staged
 from analysis.read import StudyData
 from analysis.render import Heading, Image, Report, Table, Text, write
-from analysis.report import SCORE, predictions, seed_group
+from analysis.report import predictions, seed_group
+from fine_tune.names import SCORE
 
 SECTIONS = ["Best trial per study", "Validation F1 distributions", "Best so far"]
 

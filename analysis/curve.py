@@ -6,17 +6,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 
-from analysis import plots
+from analysis import plots, stats
 from analysis.format import duration, slug, staged
 from analysis.read import StoreError
 from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
+from fine_tune.names import ARM, BUDGET, CURVE, SEED, STUDY, TUNED_BY, curve_experiment, role_filter
 
 METRICS = ("test/accuracy", "test/f1_macro")
-SECTIONS = ["Summary", "Test accuracy vs labels per class", "Numbers"]
 
 
 def load_runs(study: str, uri: str) -> pd.DataFrame:
@@ -25,19 +23,20 @@ def load_runs(study: str, uri: str) -> pd.DataFrame:
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    experiment = MlflowClient(uri).get_experiment_by_name(f"{study}-curve")
+    experiment = MlflowClient(uri).get_experiment_by_name(curve_experiment(study))
     if experiment is None:
         raise StoreError(f"study {study!r} has no curve in {uri}; run `make curve` first")
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id],
-                              filter_string="tags.`fine_tune.role` = 'curve' and attributes.status = 'FINISHED'")
+                              filter_string=f"{role_filter(CURVE)} and attributes.status = 'FINISHED'")
     if runs.empty:
         raise StoreError(f"study {study!r}: its curve has no finished runs yet; run `make curve`")
-    out = pd.DataFrame({"run_id": runs.run_id, "arm": runs["tags.fine_tune.arm"],
-                        "budget": runs["tags.fine_tune.budget"].astype(int),
-                        "seed": runs["tags.fine_tune.seed"].astype(int),
+    out = pd.DataFrame({"run_id": runs.run_id, "arm": runs[f"tags.{ARM}"],
+                        "budget": runs[f"tags.{BUDGET}"].astype(int),
+                        "seed": runs[f"tags.{SEED}"].astype(int),
                         "data_seed": pd.to_numeric(runs["params.data_seed"]),
                         "duration_s": (runs.end_time - runs.start_time).dt.total_seconds(),
+                        "tuned_by": runs.get(f"tags.{TUNED_BY}", pd.Series(None, index=runs.index, dtype=object)),
                         **{m: runs[f"metrics.{m}"] for m in METRICS}})
     return out.sort_values(["arm", "budget", "seed"]).reset_index(drop=True)
 
@@ -49,32 +48,45 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     for (arm, budget), group in runs.groupby(["arm", "budget"]):
         row = {"arm": arm, "budget": budget, "n": len(group)}
         for m in METRICS:
-            values = group[m].to_numpy()
-            half = (scipy_stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-                    if len(values) > 1 else np.nan)
-            row |= {m: values.mean(), f"{m} low": values.mean() - half, f"{m} high": values.mean() + half}
+            mean, low, high = stats.mean_ci(group[m])
+            row |= {m: mean, f"{m} low": low, f"{m} high": high}
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def finding(table: pd.DataFrame, baseline: str = "from scratch") -> list[str]:
-    """Per budget, the best arm on test accuracy, and each pretrained arm against `baseline`: the gap, and whether
-    the two intervals are apart."""
+def finding(table: pd.DataFrame, baseline: str = "from scratch", metric: str = "test/accuracy") -> list[str]:
+    """Per budget, each pretrained arm against `baseline` on `metric` (the gap, and whether the two intervals are
+    apart), and a best arm only where its interval is apart from every other arm's; else the arms the seeds cannot
+    tell apart."""
     out = []
     for budget, group in table.groupby("budget"):
         rows = group.set_index("arm")
         if baseline not in rows.index:
             continue
-        base = rows.loc[baseline]
-        parts = []
-        for arm, x in rows.drop(index=baseline).iterrows():
-            apart = (x["test/accuracy low"] > base["test/accuracy high"]
-                     or base["test/accuracy low"] > x["test/accuracy high"])
-            parts.append(f"{arm} {x['test/accuracy']:.4f} ({100 * (x['test/accuracy'] - base['test/accuracy']):+.1f} "
-                         f"points, {'intervals apart' if apart else 'intervals overlap'})")
-        out.append(f"{budget} per class: {baseline} {base['test/accuracy']:.4f}; " + "; ".join(parts)
-                   + f"; best: {rows['test/accuracy'].idxmax()}")
+        ci = {arm: (r[metric], r[f"{metric} low"], r[f"{metric} high"]) for arm, r in rows.iterrows()}
+        base = ci[baseline]
+        parts = [f"{arm} {x[0]:.4f} ({100 * (x[0] - base[0]):+.1f} points, "
+                 f"{'intervals apart' if stats.apart(x, base) else 'intervals overlap'})"
+                 for arm, x in ci.items() if arm != baseline]
+        top = rows[metric].idxmax()
+        tied = [arm for arm in ci if arm != top and not stats.apart(ci[top], ci[arm])]
+        why = "one seed: no interval" if rows.n.min() < 2 else "intervals overlap"
+        verdict = (f"best: {top} (its interval apart from every other arm's)" if not tied else
+                   f"no difference between {top} and {' or '.join(tied)} ({why})")
+        out.append(f"{budget} per class: {baseline} {base[0]:.4f}; " + "; ".join(parts) + f"; {verdict}")
     return out
+
+
+def fine_tuned_with(runs: pd.DataFrame) -> str:
+    """Which hyperparameters the fine-tuned arm trained with, as its runs recorded them."""
+    tuned = runs[runs.arm == "fine-tuned"]
+    said = tuned.tuned_by.dropna().value_counts()
+    if said.empty:
+        return "fine-tuned arm's hyperparameters: not recorded by its runs (made before fine_tune recorded them)"
+    if len(said) == 1:
+        return f"fine-tuned arm's hyperparameters: {said.index[0]}"
+    return "fine-tuned arm's hyperparameters (its runs differ): " + "; ".join(f"{s} ({n} runs)" for s, n in
+                                                                            said.items())
 
 
 def curve_report(study: str, runs: pd.DataFrame, folder: Path) -> Report:
@@ -87,7 +99,7 @@ def curve_report(study: str, runs: pd.DataFrame, folder: Path) -> Report:
     report.add(Heading("Summary"), Bullets([
         f"{len(runs)} finished runs: {len(table.arm.unique())} arms x {len(table.budget.unique())} budgets, seeds "
         f"{', '.join(map(str, seeds))} ({draws})",
-        f"compute time: {duration(runs.duration_s.sum())}", *finding(table)]))
+        fine_tuned_with(runs), f"compute time: {duration(runs.duration_s.sum())}", *finding(table)]))
     report.add(Heading("Test accuracy vs labels per class"),
                Image(plots.curve(table, "test/accuracy", folder / "curve_accuracy.png"), "accuracy vs labels"),
                Image(plots.curve(table, "test/f1_macro", folder / "curve_f1.png"), "macro-F1 vs labels"),
@@ -106,12 +118,12 @@ def build(study: str, uri: str, out: Path) -> Path:
     from mlflow.tracking import MlflowClient
 
     runs = load_runs(study, uri)
-    folder = out / f"{slug(study)}-curve"
+    folder = out / slug(curve_experiment(study))
     with staged(folder) as tmp:
         write(curve_report(study, runs, tmp), tmp)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(f"{study}-curve")
-    parents = client.search_runs([experiment.experiment_id], "tags.`fine_tune.role` = 'study'")
+    experiment = client.get_experiment_by_name(curve_experiment(study))
+    parents = client.search_runs([experiment.experiment_id], role_filter(STUDY))
     if parents:
         client.log_artifacts(parents[0].info.run_id, str(folder), artifact_path="report")
     return folder

@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.read import StudyData
+from analysis.render import Link
+from fine_tune.track.stores import masked
 
 
 def slug(name: str) -> str:
@@ -68,15 +70,18 @@ def hyperparameter_columns(data: StudyData, rows: pd.DataFrame) -> dict[str, pd.
 
 def run_link(data: StudyData):
     """A run id as the report shows it: a link to the run in the MLflow UI when one is known (MLFLOW_UI_URL, or a
-    tracking server), else the id in backticks (paste it into the UI's search, or into `make rerun RUN=...`)."""
+    tracking server; its password masked), else the id in backticks (paste it into the UI's search, or into
+    `make rerun RUN=...`). The id is the store's (a trial's user attribute), so it is quoted into the link."""
     import os
+    from urllib.parse import quote
 
     base = os.environ.get("MLFLOW_UI_URL") or (data.tracking_uri if data.tracking_uri.startswith("http") else None)
 
-    def cell(run_id) -> str:
+    def cell(run_id) -> str | Link:
         if not isinstance(run_id, str):
             return "-"
         if base is None:
             return f"`{run_id}`"
-        return f"[{run_id[:8]}]({base.rstrip('/')}/#/experiments/{data.experiment_id}/runs/{run_id})"
+        where = f"#/experiments/{quote(str(data.experiment_id), safe='')}/runs/{quote(run_id, safe='')}"
+        return Link(run_id[:8], f"{masked(base).rstrip('/')}/{where}")
     return cell

@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
+from analysis.findings import confounds, value_table
 from analysis.format import discrete, hyperparameter_columns
 from analysis.read import StudyData, metric_history
-from analysis.render import Bullets, Heading, Image, Text
+from analysis.render import Bullets, Heading, Image, Table, Text
+from fine_tune.names import SCORE
 
-SCORE = "val/f1_macro"  # what the learning curves show (the best epoch's value is the checkpoint's)
 CURVES = 5  # trials in the learning-curve figure
 
 
@@ -31,7 +32,8 @@ def importance(data: StudyData, folder: Path) -> list:
         try:
             ranks[name] = list(optuna.importance.get_param_importances(data.study, evaluator=evaluator))
             path = folder / f"param_importances_{name.lower().replace('-', '_')}.png"
-            blocks.append(Image(plots.param_importances(data.study, data.objective, path, evaluator),
+            blocks.append(Image(plots.param_importances(data.study, data.objective, path, evaluator,
+                                                        f"Hyperparameter importances ({name})"),
                                 f"parameter importances ({name})"))
         except (ValueError, RuntimeError) as e:  # e.g. every trial sampled the same values
             blocks.append(Text(f"{name} importance could not be computed: {e}"))
@@ -42,6 +44,11 @@ def importance(data: StudyData, folder: Path) -> list:
         text += (f" They disagree on what matters most (fANOVA: {ranks['fANOVA'][0]}, PED-ANOVA: "
                  f"{ranks['PED-ANOVA'][0]}): fANOVA weighs the whole range of outcomes, PED-ANOVA only what sets the "
                  "best trials apart; with few complete trials, read both with caution.")
+    confounded = sorted(confounds(data))
+    if confounded:
+        text += (f" {' and '.join(confounded)} {'was' if len(confounded) == 1 else 'were'} confounded with another "
+                 "hyperparameter (see \"Validation F1 by discrete hyperparameter\"): neither method can tell their "
+                 "effects apart.")
     return blocks + [Text(text)]
 
 
@@ -59,8 +66,8 @@ def search(data: StudyData, folder: Path) -> list:
     blocks += importance(data, folder)
     blocks.append(Heading("Hyperparameters together"))
     if len(data.complete) >= 2 and len(data.distributions) >= 2:
-        blocks.append(Image(plots.parallel(data.study, data.objective, folder / "parallel_coordinates.png"),
-                            "parallel coordinates"))
+        blocks.append(Image(plots.parallel(data.study, data.objective, data.distributions,
+                                           folder / "parallel_coordinates.png"), "parallel coordinates"))
     else:
         blocks.append(Text("A parallel-coordinates view needs 2 complete trials and 2 searched hyperparameters."))
     groups = [n for n, d in data.distributions.items() if discrete(d) and n in finished]
@@ -76,20 +83,12 @@ def search(data: StudyData, folder: Path) -> list:
     if groups:
         blocks.append(Image(plots.score_by(finished, data.objective, groups, folder / "val_f1_by_discrete.png"),
                             "val F1 by discrete hyperparameter"))
-        if len(groups) >= 2:
-            a, b = groups[:2]
-            seen = data.complete.groupby(a)[b].nunique()
-            alone = [f"{_name(v)}" for v, n in seen.items() if n == 1]
-            if alone:
-                blocks.append(Text(f"Confounded: among complete trials, {a} = {', '.join(alone)} occurs with a single "
-                                   f"value of {b}, so their effects cannot be separated there."))
+        blocks.append(Table(value_table(data), f"Each value's complete trials: the mean of {data.objective} and its "
+                                               "95% t-interval (their other hyperparameters vary)."))
+        blocks += [Text(note) for note in confounds(data).values()]
     else:
         blocks.append(Text("The study searches no discrete hyperparameter."))
     return blocks
-
-
-def _name(v) -> str:
-    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def curves(data: StudyData, folder: Path) -> list:
@@ -106,19 +105,27 @@ def curves(data: StudyData, folder: Path) -> list:
     losses = {f"t{n:03d}": (metric_history(client, r, "train/loss"), metric_history(client, r, "val/loss"))
               for n, r in zip(top.number[:3], top.run_id[:3])}
     blocks += [Heading("Train vs validation loss"), Image(plots.losses(losses, folder / "losses.png"), "losses")]
-    notes = [overfitting(name, train, val) for name, (train, val) in losses.items()]
+    checkpoints = dict(zip(losses, top.best_epoch[:3]))  # each note is about its own run's checkpoint
+    notes = [overfitting(name, train, val, checkpoints[name], data.objective) for name, (train, val) in losses.items()]
     return blocks + [Bullets([n for n in notes if n]) if any(notes) else
                      Text("No overfitting among the top trials: their validation loss does not rise while the training "
                           "loss falls.")]
 
 
-def overfitting(name: str, train: pd.Series, val: pd.Series) -> str | None:
-    """A sentence when the validation loss rises well above its minimum while the training loss keeps falling."""
-    if len(val) < 3 or val.empty or train.empty:
+def overfitting(name: str, train: pd.Series, val: pd.Series, best_epoch, objective: str) -> str | None:
+    """A sentence when the validation loss rises well above its minimum while the training loss keeps falling, saying
+    which epoch the run's checkpoint is: its own `best_epoch`, the best by `objective` (not necessarily the lowest loss)."""
+    if len(val) < 3 or val.empty or train.empty or val.idxmin() not in train.index:
         return None
-    low = val.idxmin()
-    if val.iloc[-1] > 1.2 * val.min() and train.iloc[-1] < train.loc[low]:
-        return (f"{name} overfits: its validation loss rose from {val.min():.3g} (epoch {low}) to {val.iloc[-1]:.3g} "
-                f"(epoch {val.index[-1]}) while its training loss fell from {train.loc[low]:.3g} to "
-                f"{train.iloc[-1]:.3g}; its checkpoint is the best-validation epoch, not the last.")
-    return None
+    low, last = val.idxmin(), val.index[-1]
+    if not (val.iloc[-1] > 1.2 * val.min() and train.iloc[-1] < train.loc[low]):
+        return None
+    if pd.isna(best_epoch):
+        kept = f"its checkpoint is its best epoch by {objective} (the run did not log which)"
+    elif int(best_epoch) == last:
+        kept = f"its checkpoint is its last epoch ({last}) all the same, the best by {objective} despite that loss"
+    else:
+        kept = f"its checkpoint is epoch {int(best_epoch)} (its best {objective}), not the last ({last})"
+    return (f"{name} overfits: its validation loss rose from {val.min():.3g} (epoch {low}) to {val.iloc[-1]:.3g} "
+            f"(epoch {last}) while its training loss fell from {train.loc[low]:.3g} to {train.iloc[-1]:.3g}; "
+            f"{kept}.")

@@ -6,10 +6,12 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap
+from matplotlib.ticker import MaxNLocator
 import optuna
 import optuna.visualization.matplotlib as ovm
 import pandas as pd
-from sklearn.metrics import ConfusionMatrixDisplay
 
 from fine_tune.track.stores import quiet_experimental
 
@@ -37,10 +39,14 @@ def optimization_history(study: optuna.Study, objective: str, path: Path) -> Pat
     return _optuna_figure(ovm.plot_optimization_history, path, (8, 4.5), study, target_name=objective)
 
 
-def param_importances(study: optuna.Study, objective: str, path: Path, evaluator) -> Path:
-    """Importances by `evaluator` (seeded, so the same study gives the same figure)."""
-    return _optuna_figure(ovm.plot_param_importances, path, (8, 3.5), study, evaluator=evaluator,
-                          target_name=objective)
+def param_importances(study: optuna.Study, objective: str, path: Path, evaluator, title: str) -> Path:
+    """Importances by `evaluator` (seeded, so the same study gives the same figure), titled with its method: Optuna
+    titles every method's figure alike."""
+    def draw(*args, **kwargs):
+        ax = ovm.plot_param_importances(*args, **kwargs)
+        ax.set_title(title, loc="left")  # in place of Optuna's own
+        return ax
+    return _optuna_figure(draw, path, (8, 3.5), study, evaluator=evaluator, target_name=objective)
 
 
 def _label(v) -> str:
@@ -49,23 +55,30 @@ def _label(v) -> str:
 
 def continuous_vs_score(trials: pd.DataFrame, score: str, params: dict[str, bool], colour_by: str | None,
                         path: Path) -> Path:
-    """One panel per continuous hyperparameter (log x where it was searched on a log scale) against the score, one
-    colour per value of `colour_by`; pruned trials as crosses at the best value they reached."""
+    """One panel per continuous hyperparameter (log x where it was searched on a log scale) against the score:
+    complete trials in one colour per value of `colour_by`, pruned ones as grey crosses at the best value they reached
+    before the pruner stopped them, so a score cut short at epoch 2 is not read as a whole run's."""
     fig, axes = plt.subplots(1, len(params), figsize=(6 * len(params) + 1, 4.5), sharey=True, squeeze=False)
-    groups = list(trials.groupby(colour_by)) if colour_by else [("all", trials)]
-    colours = dict(zip([v for v, _ in groups], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10))
+    complete, pruned = trials[trials.state == "COMPLETE"], trials[trials.state == "PRUNED"]
+    groups = list(complete.groupby(colour_by)) if colour_by else [("all", complete)]
+    palette = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c != "#7f7f7f"]  # grey: pruned
+    colours = dict(zip([v for v, _ in groups], palette * 10))
+    if len(pruned):
+        lo, hi = int(pruned.epochs_reported.min()), int(pruned.epochs_reported.max())
+        stopped = f"pruned: best before its stop at epoch {lo if lo == hi else f'{lo}-{hi}'}"
+        if len(complete):
+            stopped += f" (complete trials ran up to {int(complete.epochs_reported.max())})"
     for ax, (name, log) in zip(axes[0], params.items()):
         for value, group in groups:
-            for state, marker, fill in (("COMPLETE", "o", colours[value]), ("PRUNED", "x", colours[value])):
-                g = group[group.state == state]
-                ax.scatter(g[name], g["score"], marker=marker, s=40, alpha=0.85, color=fill,
-                           label=f"{colour_by} {_label(value)}" + (" (pruned)" if state == "PRUNED" else "")
-                           if colour_by else state.lower())
+            ax.scatter(group[name], group["score"], marker="o", s=40, alpha=0.85, color=colours[value],
+                       label=f"{colour_by} {_label(value)}" if colour_by else "complete")
+        if len(pruned):
+            ax.scatter(pruned[name], pruned["score"], marker="x", s=40, alpha=0.8, color="grey", label=stopped)
         if log:
             ax.set_xscale("log")
         ax.set(xlabel=name, title=f"{name} vs {score}")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{score}: best epoch (x: pruned, best before the stop)")
+    axes[0][0].set_ylabel(f"{score}: best epoch (grey x: pruned, best before the stop)")
     axes[0][-1].legend(fontsize="small")
     return _save(fig, path)
 
@@ -108,16 +121,31 @@ def intermediate(study: optuna.Study, objective: str, path: Path) -> Path:
             ax.scatter(steps[-1], values[-1], marker="x", color="tab:red", s=30, zorder=3)
         else:
             ax.plot(steps, values, alpha=0.8, lw=1.2)
-    ax.scatter([], [], marker="x", color="tab:red", label="pruned here")
+    ax.plot([], [], color="tab:blue", lw=1.2, label="a complete trial (one colour each)")
     ax.plot([], [], color="grey", alpha=0.5, label="a pruned trial")
+    ax.scatter([], [], marker="x", color="tab:red", label="pruned here")
     ax.set(xlabel="epoch", ylabel=objective, title=f"{objective} per epoch, every trial")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def parallel(study: optuna.Study, objective: str, path: Path) -> Path:
-    return _optuna_figure(ovm.plot_parallel_coordinate, path, (9, 4.5), study, target_name=objective)
+def parallel(study: optuna.Study, objective: str, distributions: dict, path: Path) -> Path:
+    """Optuna's parallel coordinates, with two fixes: its colour map starts at white, which hid the worst trial, and
+    an integer hyperparameter's axis was ticked in quarters."""
+    def draw(*args, **kwargs):
+        ax = ovm.plot_parallel_coordinate(*args, **kwargs)
+        lines = next(c for c in ax.collections if isinstance(c, LineCollection))
+        lines.set_cmap(ListedColormap(plt.get_cmap("Blues")(np.linspace(0.35, 1.0, 256))))
+        lines.colorbar.update_normal(lines)
+        names = [t.get_text() for t in ax.get_xticklabels()][1:]  # the objective's axis first, then one per param
+        twins = [a for a in ax.figure.axes if a is not ax and a is not lines.colorbar.ax]
+        for name, twin in zip(names, twins):
+            d = distributions.get(name)
+            if isinstance(d, optuna.distributions.IntDistribution) and not d.log:
+                twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+        return ax
+    return _optuna_figure(draw, path, (9, 4.5), study, target_name=objective)
 
 
 def losses(curves: dict[str, tuple[pd.Series, pd.Series]], path: Path) -> Path:
@@ -140,13 +168,6 @@ def learning_curves(curves: dict[str, pd.Series], metric: str, path: Path) -> Pa
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, top trials")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def confusion(matrix: list[list[int]], names: list[str], title: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
-    ConfusionMatrixDisplay(np.array(matrix), display_labels=names).plot(ax=ax, colorbar=False, xticks_rotation=45)
-    ax.set_title(title)
     return _save(fig, path)
 
 

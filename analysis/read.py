@@ -1,6 +1,6 @@
 """Load one study from its two stores: Optuna (trial states, values) and MLflow (params, metrics, artifacts).
 
-Store locations come from `fine_tune.stores` (SQLite files under the runs directory unless OPTUNA_STORAGE /
+Store locations come from `fine_tune.track.stores` (SQLite files under the runs directory unless OPTUNA_STORAGE /
 MLFLOW_TRACKING_URI point elsewhere), the one place the sweep reads them from too. Nothing here writes to a store, and
 a missing SQLite file is reported instead of being created empty. The hyperparameters are the study's own: whatever
 its trials sampled, as Optuna records them, so a new searchable hyperparameter needs nothing here.
@@ -16,9 +16,12 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from fine_tune import names
+from fine_tune.names import RERUN, RERUN_OF, SCORE, SEED, STUDY, TRIAL, TRIAL_NUMBER, VARY
 from fine_tune.track.stores import optuna_url, tracking_uri
 
-ROLE = "tags.fine_tune.role"
+ROLE = f"tags.{names.ROLE}"
+TAGS = (ROLE, f"tags.{TRIAL_NUMBER}", f"tags.{RERUN_OF}", f"tags.{SEED}", f"tags.{VARY}")
 
 # MLflow metric columns -> report columns. Metric names stay in the project's one vocabulary; the val/* columns are
 # the best epoch's (`best/val/*`), the values the checkpoint, the test metrics and Optuna's objective refer to. Every
@@ -78,25 +81,49 @@ def _require_sqlite_file(url: str, what: str, study: str) -> None:
 def load_study(name: str, runs_dir: str | Path = "runs", storage: str | None = None) -> StudyData:
     """The study `name` from both stores, or a StoreError saying what is missing and how to fix it; `storage` is
     the experiment's `sweep.storage`, if it sets one."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, uri = optuna_url(runs_dir, storage), tracking_uri(runs_dir)
+    study = _optuna_study(name, url)
+    experiment_id, runs, columns = _mlflow_runs(name, uri)
+    parents = runs[runs[ROLE] == STUDY]
+    if parents.empty:
+        raise StoreError(f"study {name!r}: the MLflow experiment in {uri} has no parent run "
+                         f"(tag {names.ROLE}={STUDY}); was it logged by `make sweep`?")
+    parent_run_id = parents.sort_values("start_time").run_id.iloc[0]  # the earliest, as fine_tune settles on it
+    distributions: dict = {}
+    for t in study.get_trials(deepcopy=False):
+        for k, d in t.distributions.items():
+            distributions.setdefault(k, d)
+    return StudyData(name=name, study=study, storage_url=url, tracking_uri=uri, parent_run_id=parent_run_id,
+                     experiment_id=experiment_id, trials=_trials(study, runs[runs[ROLE] == TRIAL], columns),
+                     reruns=_reruns(runs[runs[ROLE] == RERUN], columns),
+                     objective=study.user_attrs.get("objective", SCORE), distributions=distributions)
+
+
+def _optuna_study(name: str, url: str) -> optuna.Study:
+    """The study with at least one complete trial, or a StoreError naming what is missing."""
     _require_sqlite_file(url, "Optuna storage", name)
     try:
-        names = optuna.get_all_study_names(storage=url)
+        studies = optuna.get_all_study_names(storage=url)
     except Exception as e:  # sqlalchemy's OperationalError, a missing driver, a file that is not an Optuna store...
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise StoreError(f"study {name!r}: Optuna storage {url} is unusable ({first}); start the database or fix "
                          "OPTUNA_STORAGE / --runs-dir") from None
-    if name not in names:
-        raise StoreError(f"study {name!r} is not in {url} (studies there: {', '.join(names) or 'none'}); "
+    if name not in studies:
+        raise StoreError(f"study {name!r} is not in {url} (studies there: {', '.join(studies) or 'none'}); "
                          "check the name (the `study:` key of the experiment YAML) or run `make sweep`")
     study = optuna.load_study(study_name=name, storage=url)
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         raise StoreError(f"study {name!r} has no finished trials yet; run `make sweep` until one completes")
+    return study
+
+
+def _mlflow_runs(name: str, uri: str) -> tuple[str, pd.DataFrame, list[str]]:
+    """The study's experiment id, its runs (mlflow.search_runs: params typed, metrics renamed to our vocabulary, every
+    column the report reads present even when no run logged it) and the names of those metric and param columns."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
 
     _require_sqlite_file(uri, "MLflow store", name)
     mlflow.set_tracking_uri(uri)  # mlflow.search_runs and runs:/ artifact URIs resolve against it
@@ -105,30 +132,15 @@ def load_study(name: str, runs_dir: str | Path = "runs", storage: str | None = N
         raise StoreError(f"study {name!r} has no MLflow experiment in {uri}; point MLFLOW_TRACKING_URI or "
                          "--runs-dir at the store the sweep logged to")
     runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
-    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *METRICS, *(f"params.{p}" for p in PARAMS), ROLE,
-                                                    "tags.optuna.trial_number", "tags.fine_tune.rerun_of",
-                                                    "tags.fine_tune.seed", "tags.fine_tune.vary"])))
-    parents = runs[runs[ROLE] == "study"]
-    if parents.empty:
-        raise StoreError(f"study {name!r}: the MLflow experiment in {uri} has no parent run "
-                         "(tag fine_tune.role=study); was it logged by `make sweep`?")
-    parent_run_id = parents.sort_values("start_time").run_id.iloc[0]  # the earliest, as fine_tune settles on it
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *METRICS, *(f"params.{p}" for p in PARAMS),
+                                                    *TAGS])))
     runs["duration_s"] = (runs.end_time - runs.start_time).dt.total_seconds()
     params = {c: c.removeprefix("params.") for c in runs.columns if c.startswith("params.")}
     runs = runs.rename(columns={**METRICS, **params})
     columns = [*METRICS.values(), *params.values()]
     for col in columns:
         runs[col] = _typed(runs[col])
-
-    distributions: dict = {}
-    for t in study.get_trials(deepcopy=False):
-        for k, d in t.distributions.items():
-            distributions.setdefault(k, d)
-    return StudyData(name=name, study=study, storage_url=url, tracking_uri=uri, parent_run_id=parent_run_id,
-                     experiment_id=experiment.experiment_id,
-                     trials=_trials(study, runs[runs[ROLE] == "trial"], columns),
-                     reruns=_reruns(runs[runs[ROLE] == "rerun"], columns),
-                     objective=study.user_attrs.get("objective", "val/f1_macro"), distributions=distributions)
+    return experiment.experiment_id, runs, columns
 
 
 def _typed(column: pd.Series) -> pd.Series:
@@ -143,8 +155,9 @@ def _typed(column: pd.Series) -> pd.Series:
 
 def _trials(study: optuna.Study, runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Optuna's view of each trial (state, value, epochs reported) beside its MLflow run's columns."""
-    by_number = runs.dropna(subset=["tags.optuna.trial_number"]).drop_duplicates("tags.optuna.trial_number")
-    by_number = dict(zip(by_number["tags.optuna.trial_number"].astype(int), by_number.run_id))
+    number = f"tags.{TRIAL_NUMBER}"
+    by_number = runs.dropna(subset=[number]).drop_duplicates(number)
+    by_number = dict(zip(by_number[number].astype(int), by_number.run_id))
     rows = []
     for t in study.get_trials(deepcopy=False):
         # The trial's own record of its run; a retried trial carries the run id of the run it continued.
@@ -153,16 +166,18 @@ def _trials(study: optuna.Study, runs: pd.DataFrame, columns: list[str]) -> pd.D
         # reported before it was stopped (so it stands where the pruner saw it, marked as pruned)
         score = t.value if t.state == TrialState.COMPLETE else (
             max(t.intermediate_values.values()) if t.state == TrialState.PRUNED and t.intermediate_values else np.nan)
+        # the trial's own time: its run may have been written to after it (a champion's registration, a retry)
         rows.append({"number": t.number, "state": t.state.name, "value": t.value, "score": score, "run_id": run_id,
-                     "epochs_reported": max(t.intermediate_values, default=np.nan)})
-    trials = pd.DataFrame(rows).merge(runs[["run_id", "status", "duration_s", *columns]], on="run_id", how="left")
+                     "epochs_reported": max(t.intermediate_values, default=np.nan),
+                     "duration_s": t.duration.total_seconds() if t.duration else np.nan})
+    trials = pd.DataFrame(rows).merge(runs[["run_id", "status", *columns]], on="run_id", how="left")
     return trials.sort_values("number").reset_index(drop=True)
 
 
 def _reruns(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    reruns = runs.assign(rerun_of=pd.to_numeric(runs["tags.fine_tune.rerun_of"], errors="coerce"),
-                         seed=pd.to_numeric(runs["tags.fine_tune.seed"], errors="coerce").fillna(runs.seed),
-                         vary=runs["tags.fine_tune.vary"].fillna("seed"))
+    reruns = runs.assign(rerun_of=pd.to_numeric(runs[f"tags.{RERUN_OF}"], errors="coerce"),
+                         seed=pd.to_numeric(runs[f"tags.{SEED}"], errors="coerce").fillna(runs.seed),
+                         vary=runs[f"tags.{VARY}"].fillna("seed"))
     return reruns[["run_id", "rerun_of", "status", "duration_s", "vary", *columns]].reset_index(drop=True)
 
 

@@ -1,5 +1,8 @@
 """A report is a list of blocks (headings, text, bullet lists, tables, images), written twice: as Markdown that
-links the PNGs beside it, and as one self-contained HTML file with the PNGs embedded as data URIs."""
+links the PNGs beside it, and as one self-contained HTML file with the PNGs embedded as data URIs.
+
+Text is text: it holds values any worker on a shared store could have written (class names, params, run ids), so the
+HTML escapes all of it, and a link is only ever a `Link` the report built, never markdown found in a string."""
 from __future__ import annotations
 
 import base64
@@ -7,6 +10,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 
@@ -27,9 +31,20 @@ class Bullets:
     items: list[str]
 
 
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links to `url` (made by the report, http or https only; anything else shows the text)."""
+    text: str
+    url: str
+
+    def __str__(self) -> str:  # the Markdown
+        text = self.text.replace("[", "\\[").replace("]", "\\]")
+        return f"[{text}]({self.url.replace(')', '%29').replace(' ', '%20')})"
+
+
 @dataclass
 class Table:
-    df: pd.DataFrame  # cells already formatted as strings
+    df: pd.DataFrame  # cells already formatted as strings (or Links)
     caption: str = ""
 
 
@@ -73,9 +88,16 @@ def markdown(report: Report) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escaped text with `code` and [links](http...) made HTML."""
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
-    return re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", r'<a href="\2">\1</a>', out)
+    """Escaped text (quotes too) with `code` made HTML; nothing else in it becomes markup."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=True))
+
+
+def _cell(value) -> str:
+    if isinstance(value, Link):
+        if urlsplit(value.url).scheme.lower() not in ("http", "https"):
+            return _inline(value.text)
+        return f'<a href="{html.escape(value.url, quote=True)}">{html.escape(value.text, quote=True)}</a>'
+    return _inline(str(value))
 
 
 STYLE = """
@@ -113,7 +135,8 @@ def to_html(report: Report) -> str:
         elif isinstance(b, Bullets):
             out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Table):  # wide tables scroll inside the page instead of running off its right edge
-            cells = b.df.map(lambda v: _inline(str(v)))
+            cells = b.df.map(_cell)
+            cells.columns = [html.escape(str(c), quote=True) for c in cells.columns]  # to_html leaves them as they are
             out.append('<div class="table-wrap">' + cells.to_html(index=False, border=0, escape=False) + "</div>")
             if b.caption:
                 out.append(f'<p class="caption">{_inline(b.caption)}</p>')

@@ -8,16 +8,19 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots, stats
+from analysis.findings import says
 from analysis.format import duration, fmt, hyperparameter_columns, run_link, slug, staged
 from analysis.hyperparams import curves, search
 from analysis.read import StudyData, load_json
 from analysis.render import Bullets, Heading, Image, Report, Table, Text, write
+from fine_tune.names import SCORE
+from fine_tune.track.figures import confusion_png
+from fine_tune.track.stores import masked
 
-SCORE = "val/f1_macro"  # what the figures compare trials by (the best epoch's value)
 TOP = 10  # trials in the leaderboard
-SECTIONS = ["Summary", "Leaderboard", "All trials", "Optimization history", "Every trial per epoch",
-            "Parameter importance", "Hyperparameters together", "Continuous hyperparameters vs validation F1",
-            "Validation F1 by discrete hyperparameter", "Learning curves", "Train vs validation loss",
+SECTIONS = ["What this study says", "Summary", "Leaderboard", "All trials", "Optimization history",
+            "Every trial per epoch", "Parameter importance", "Hyperparameters together",
+            "Continuous hyperparameters vs validation F1", "Validation F1 by discrete hyperparameter", "Learning curves", "Train vs validation loss",
             "Champion: confusion matrix and per-class scores", "Accuracy vs macro-F1",
             "Pareto front: validation F1 vs trainable parameters", "Noise-aware comparison"]
 
@@ -68,8 +71,8 @@ def summary(data: StudyData) -> list:
     best = data.complete.iloc[0]
     pruned = t[t.state == "PRUNED"]
     saved = (pruned.epochs - pruned.epochs_reported).sum()
-    # A retried trial continues the run of the trial it retries: count each run's time once.
-    trial_time, rerun_time = t.drop_duplicates("run_id").duration_s.sum(), data.reruns.duration_s.sum()
+    # each trial's own time (Optuna's): a retry has its own, though it continues the run of the trial it retries
+    trial_time, rerun_time = t.duration_s.sum(), data.reruns.duration_s.sum()
     return [Heading("Summary"), Bullets([
         f"trials: {states}" + (f" ({others})" if others else ""),
         f"best {data.objective}: {best.value:.4f} (trial {best.number}, the champion)",
@@ -79,8 +82,8 @@ def summary(data: StudyData) -> list:
         f"re-runs with other seeds: {len(data.reruns)}"
         + (f" of trials {', '.join(str(int(n)) for n in sorted(data.reruns.rerun_of.dropna().unique()))}"
            if len(data.reruns) else ""),
-        f"stores: Optuna `{data.storage_url}`, "
-        f"MLflow `{data.tracking_uri}` (parent run `{data.parent_run_id}`)",
+        f"stores: Optuna `{masked(data.storage_url)}`, "
+        f"MLflow `{masked(data.tracking_uri)}` (parent run `{data.parent_run_id}`)",
     ])]
 
 
@@ -131,8 +134,8 @@ def champion(data: StudyData, folder: Path) -> list:
     per_class = load_json(run_id, "evaluation/per_class_report.json")
     if cm is None or per_class is None:
         return blocks + [Text(f"Trial {best.number}'s run `{run_id}` has no evaluation artifacts.")]
-    blocks.append(Image(plots.confusion(cm["matrix"], cm["class_names"], f"trial {best.number}: test confusion matrix",
-                                        folder / "champion_confusion_matrix.png"), "champion confusion matrix"))
+    blocks.append(Image(confusion_png(cm["matrix"], cm["class_names"], f"trial {best.number}: test confusion matrix",
+                                      folder / "champion_confusion_matrix.png", dpi=110), "champion confusion matrix"))
     rows = {k: v for k, v in per_class.items() if isinstance(v, dict)}  # the classes, then macro / weighted avg
     table = pd.DataFrame(rows).T.reset_index(names="class")
     for col in ("precision", "recall", "f1-score"):
@@ -166,7 +169,7 @@ def tradeoffs(data: StudyData, folder: Path) -> list:
                                   f"{SCORE}.")]
 
 
-def noise(data: StudyData, resamples: int) -> list:
+def noise(data: StudyData, resamples: int, test: str) -> list:
     blocks = [Heading("Noise-aware comparison")]
     rerun = set(data.reruns.rerun_of.dropna().astype(int))
     groups = {n: seed_group(data, n) for n in data.complete.number if n in rerun}  # best trial first
@@ -183,29 +186,36 @@ def noise(data: StudyData, resamples: int) -> list:
                            "or two between trials may be seed noise. `make confirm` re-trains the top trials with "
                            "other seeds; the next `make report` then shows, per trial, mean ± std over seeds and "
                            "bootstrap 95% confidence intervals here."))
-    return blocks + mcnemar(data)
+    return blocks + [Text(test)]
 
 
-def mcnemar(data: StudyData) -> list:
-    """McNemar's exact test between the best and the runner-up trial, on their test predictions."""
+def mcnemar(data: StudyData) -> tuple[str, str]:
+    """McNemar's exact test between the best and the runner-up trial, on their test predictions: the noise section's
+    paragraph, and its verdict as the first section says it."""
     top = data.complete.head(2)
     if len(top) < 2:
-        return [Text("McNemar's test between the best and the runner-up trial needs 2 complete trials.")]
+        text = "McNemar's test between the best and the runner-up trial needs 2 complete trials."
+        return text, text
     a, b = (int(n) for n in top.number)
     preds = predictions(top.run_id)
     if preds is None:
-        return [Text(f"McNemar's test needs evaluation/test_predictions.json in the runs of trials {a} and {b}.")]
+        text = f"McNemar's test needs evaluation/test_predictions.json in the runs of trials {a} and {b}."
+        return text, text
     y_true, (pred_a, pred_b) = preds
     test = stats.mcnemar(y_true, pred_a, pred_b)
-    return [Text(f"McNemar's exact test, best trial {a} vs runner-up {b} on the same {len(y_true)} test images "
-                 f"(one seed each): only trial {a} right on {test.a_only}, only trial {b} right on {test.b_only}. "
-                 f"Verdict: {stats.mcnemar_sentence(a, b, test)}.")]
+    verdict = stats.mcnemar_sentence(a, b, test)
+    return (f"McNemar's exact test, best trial {a} vs runner-up {b} on the same {len(y_true)} test images "
+            f"(one seed each): only trial {a} right on {test.a_only}, only trial {b} right on {test.b_only}. "
+            f"Verdict: {verdict}.",
+            f"Best trial {a} vs runner-up {b} on the test set (McNemar's exact test, Noise-aware comparison): "
+            f"{verdict}.")
 
 
 def study_report(data: StudyData, folder: Path, resamples: int = stats.RESAMPLES) -> Report:
     report = Report(f"Study report: {data.name}")
-    report.add(*summary(data), *leaderboard(data), *all_trials(data), *search(data, folder), *curves(data, folder),
-               *champion(data, folder), *tradeoffs(data, folder), *noise(data, resamples))
+    test, verdict = mcnemar(data)
+    report.add(*says(data, verdict), *summary(data), *leaderboard(data), *all_trials(data), *search(data, folder),
+               *curves(data, folder), *champion(data, folder), *tradeoffs(data, folder), *noise(data, resamples, test))
     return report
 
 

@@ -27,6 +27,20 @@ def bootstrap_ci(y_true: np.ndarray, preds: list[np.ndarray], metric, resamples:
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def mean_ci(values) -> tuple[float, float, float]:
+    """The mean of `values` and its 95% t-interval (NaN bounds for fewer than 2 values)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return (float(values.mean()) if len(values) else np.nan), np.nan, np.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+
+def apart(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+    """Whether two (mean, low, high) intervals do not overlap; never with a missing interval."""
+    return bool(a[1] > b[2] or b[1] > a[2])
+
+
 @dataclass
 class McNemar:
     a_only: int  # test images model A gets right and B gets wrong

@@ -27,9 +27,10 @@ from fine_tune.config import Config
 from fine_tune.experiment import load_config
 from fine_tune.learn import checkpoints, features
 from fine_tune.learn.data import splits_for
+from fine_tune.learn.device import pick_device
 from fine_tune.learn.fashion import prepare as prepare_data
 from fine_tune.learn.models import build_model
-from fine_tune.learn.train import pick_device, train
+from fine_tune.learn.train import train
 
 DEFAULT_EXPERIMENT = Path("experiments/fashion_transfer.yaml")
 
@@ -211,7 +212,7 @@ def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -
             "overhead_pct_per_pair": spread(pairs), "inside_pct": spread(inside)}
 
 
-SECTIONS = ("speed", "startup", "load", "peer")  # (a)-(h), (i), (j), (k)
+SECTIONS = ("speed", "startup", "load", "peer", "text")  # (a)-(h), (i), (j), (k), (l)
 
 
 def run_bench(experiment: str | Path = DEFAULT_EXPERIMENT, quick: bool = False, log: Callable[[str], None] = print,
@@ -248,9 +249,18 @@ def run_bench(experiment: str | Path = DEFAULT_EXPERIMENT, quick: bool = False, 
                 if "speedup_per_trial" in figures["k_peer"]:
                     log(f"(k) ours vs the documented Optuna + MLflow sweep: "
                         f"{figures['k_peer']['speedup_per_trial']:.1f}x faster per trial")
+            if "text" in only:
+                from benchmarks.text_peer import text_figures
+
+                figures["l_text"] = text_figures(scratch / "text", quick)
+                if "speedup_per_trial" in figures["l_text"]:
+                    log(f"(l) ours vs Trainer.hyperparameter_search on the text study: "
+                        f"{figures['l_text']['speedup_per_trial']:.1f}x faster per trial")
             write(figures, out)
             return figures
     finally:
+        for k in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI"):  # as they were, whatever a peer's callback set
+            os.environ.pop(k, None)
         os.environ.update(saved)
 
 
@@ -349,11 +359,35 @@ def speed_figures(experiment: Config, quick: bool, log: Callable[[str], None], s
     return figures
 
 
+def fwd_flops(model: nn.Module, image_size: int) -> int:
+    """FLOPs of one forward pass per image (2 per multiply-add of every convolution and Linear layer), counted by
+    running one image through with hooks."""
+    flops = [0]
+
+    def conv(m, inp, out):
+        flops[0] += 2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def linear(m, inp, out):
+        flops[0] += 2 * out.numel() // out.shape[-1] * m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(torch.zeros(1, 1, image_size, image_size, dtype=torch.uint8))
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return flops[0]
+
+
 def torchvision_figures(runs_dir: Path, quick: bool, repeats: int, model: str = "resnet18", size: int = 32) -> dict:
     """A torchvision backbone at a small image size on the transfer task's classes: images per second of a training
     epoch for a linear probe (all 5 stages frozen) and a partial fine-tune (3 frozen), each without and with the
     frozen-feature cache, and a full fine-tune against its FLOP floor."""
-    from fine_tune.learn.models import fwd_flops
 
     cfg = Config(study="bench-torchvision", model=model, image_size=size, classes=[5, 6, 7, 8, 9],
                  budget_per_class=40 if quick else 200, val_per_class=20 if quick else 100, test_per_class=20,
@@ -387,6 +421,10 @@ def table(f: dict) -> str:
     rows = (speed_rows(f) if "a_tutorial_s_per_epoch" in f else []) + (startup_rows(f["i_startup"]) if "i_startup"
                                                                        in f else [])
     rows += (load_rows(f["j_load"]) if "j_load" in f else []) + (peer_rows(f["k_peer"]) if "k_peer" in f else [])
+    if "l_text" in f:
+        from benchmarks.text_peer import text_rows
+
+        rows += text_rows(f["l_text"])
     head = "| figure | measured (median, spread) | ratio | target |\n|---|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
 

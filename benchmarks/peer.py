@@ -9,6 +9,8 @@ backbone, with TPE and the median pruner, so what differs is the machinery.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -119,19 +121,48 @@ def peer_sweep(cfg: Config, splits, backbone: str, n_trials: int, seed: int, tra
                                     sampler=optuna.samplers.TPESampler(seed=seed),
                                     pruner=optuna.pruners.MedianPruner())
         start = time.perf_counter()
-        study.optimize(objective, n_trials=n_trials, callbacks=[mlflc])
+        with fluent_store(tracking_uri):
+            study.optimize(objective, n_trials=n_trials, callbacks=[mlflc])
         wall = time.perf_counter() - start
         return per_trial(study, wall)
 
 
-def ours_sweep(cfg: Config, backbone: str, n_trials: int, seed: int) -> dict:
-    """`fine_tune sweep` on the same task, with everything it tracks."""
-    from fine_tune.learn import features
-    from fine_tune.study.sweep import run_sweep
+@contextlib.contextmanager
+def fluent_store(uri: str, experiment: str | None = None):
+    """MLflow's fluent API (what the peers log through) at `uri`, and MLFLOW_EXPERIMENT_NAME at `experiment`, for
+    the block only: `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, which our sweeps read as the user's
+    store, and a peer's callback would leave it pointing into a deleted temporary folder."""
+    import mlflow
 
-    c = Config.model_validate({**cfg.model_dump(), "study": "ours", "pretrained": backbone, "seed": seed,
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    mlflow.set_tracking_uri(uri)
+    if experiment:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    try:
+        yield
+    finally:
+        while mlflow.active_run():  # a callback may leave its last run open
+            mlflow.end_run()
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+        if before["MLFLOW_EXPERIMENT_NAME"] is not None:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = before["MLFLOW_EXPERIMENT_NAME"]
+
+
+def ours_sweep(cfg: Config, backbone: str | None, n_trials: int, seed: int, trials: list[dict] | None = None,
+               study: str = "ours", pruner: str = "median") -> dict:
+    """`fine_tune sweep` on the same task, with everything it tracks; with `trials`, exactly those parameters
+    (enqueued) instead of its own samples."""
+    from fine_tune.learn import features
+    from fine_tune.study.sweep import open_study, run_sweep
+
+    c = Config.model_validate({**cfg.model_dump(), "study": study, "pretrained": backbone, "seed": seed,
                                "sweep": {**cfg.sweep.model_dump(), "storage": None, "sampler": "tpe",
-                                         "pruner": "median", "n_trials": n_trials}})
+                                         "pruner": pruner, "n_trials": n_trials}})
+    if trials:
+        queued = open_study(c, log=lambda s: None)
+        for params in trials:
+            queued.enqueue_trial(params)
     features.clear_memory()
     start = time.perf_counter()
     study = run_sweep(c, n_trials, workers=1, log=lambda s: None, progress=False)
@@ -147,19 +178,23 @@ def per_trial(study, wall: float) -> dict:
     return {"trials": len(ended), "pruned": states.count(optuna.trial.TrialState.PRUNED),
             "epochs": sum(len(t.intermediate_values) for t in ended), "wall_s": wall, "span_s": span,
             "s_per_trial": span / len(ended), "s_per_epoch": span / max(1, sum(len(t.intermediate_values) for t in ended)),
-            "best": study.best_value}
+            "best": study.best_value, "params": [t.params for t in sorted(study.trials, key=lambda t: t.number)],
+            "trial_s": [(t.datetime_complete - t.datetime_start).total_seconds()
+                        for t in sorted(ended, key=lambda t: t.number)]}
 
 
-def holdings(tracking_uri: str, experiment: str) -> dict:
-    """What an MLflow tree holds for a study: runs, params and tags per trial run, metric curves (keys with more than
-    one step), artifacts, and how a pruned trial shows."""
+def holdings(tracking_uri: str, experiment: str, searched: tuple[tuple[str, ...], ...] = ()) -> dict:
+    """What an MLflow tree holds for a study: runs, params, metrics and tags per trial run, metric curves (keys with
+    more than one step), artifacts, datasets, how a pruned trial shows, and how many trial runs hold every
+    hyperparameter in `searched` (each given by the names it may be logged under)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=10_000)
-    # the per-trial runs: ours tag their trial number, the callback tags "number" (our parent holds the definition)
-    trials = [r for r in runs if "optuna.trial_number" in r.data.tags or "number" in r.data.tags]
+    # the trials' runs: every run that is no other run's parent (ours nest theirs under the study's run)
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    trials = [r for r in runs if r.info.run_id not in parents]
 
     def files(run_id: str, path: str | None = None) -> int:
         return sum(files(run_id, f.path) if f.is_dir else 1 for f in client.list_artifacts(run_id, path))
@@ -170,10 +205,14 @@ def holdings(tracking_uri: str, experiment: str) -> dict:
     shown = (f"status {pruned[0].info.status}, " + ("tag fine_tune.outcome=pruned" if "fine_tune.outcome" in
                                                     pruned[0].data.tags else "tag state=PRUNED")) if pruned else "-"
     return {"runs": len(runs), "trial_runs": len(trials), "nested": any("mlflow.parentRunId" in r.data.tags for r in runs),
-            "params_per_trial": max(len(r.data.params) for r in trials), "tags_per_trial":
-            max(len(r.data.tags) for r in trials), "curves_per_trial": len(curves),
+            "params_per_trial": max(len(r.data.params) for r in trials),
+            "params_per_trial_min": min(len(r.data.params) for r in trials),
+            "metrics_per_trial": max(len(r.data.metrics) for r in trials),
+            "tags_per_trial": max(len(r.data.tags) for r in trials), "curves_per_trial": len(curves),
             "artifacts_per_trial": max(files(r.info.run_id) for r in trials[:3]), "pruned_shown_as": shown,
-            "datasets": sum(bool(r.inputs and r.inputs.dataset_inputs) for r in trials)}
+            "datasets": sum(bool(r.inputs and r.inputs.dataset_inputs) for r in trials),
+            "trials_with_searched_params": sum(all(any(k in r.data.params for k in names) for names in searched)
+                                               for r in trials)}
 
 
 def peer_figures(transfer: Config, scratch: Path, quick: bool, seed: int = 0) -> dict:

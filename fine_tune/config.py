@@ -68,20 +68,35 @@ def _known_model(name: str) -> str:
     return name
 
 
-class DataConfig(Strict):
-    """Which images: Fashion-MNIST, or a folder of your own in torchvision's ImageFolder layout."""
+TEXT_KINDS = ("text", "fortunes")
 
-    kind: Literal["fashion_mnist", "imagefolder"] = Field("fashion_mnist", description="fashion_mnist or imagefolder")
-    root: str | None = Field(None, description="imagefolder: the folder holding train/ (and val/, test/) or the "
-                                               "class folders")
+
+class DataConfig(Strict):
+    """Which examples: Fashion-MNIST or a folder of your own images; labeled text (a CSV / JSONL file or a folder per
+    class of .txt files) or Debian's fortunes by topic."""
+
+    kind: Literal["fashion_mnist", "imagefolder", "text", "fortunes"] = Field(
+        "fashion_mnist", description="fashion_mnist, imagefolder, text (CSV / JSONL / class folders) or fortunes")
+    root: str | None = Field(None, description="imagefolder: the folder holding train/ (and val/, test/) or the class "
+                                               "folders; text: a CSV or JSONL file, or a folder of <class>/*.txt; "
+                                               "fortunes: the topic files' folder (default /usr/share/games/fortunes)")
+    text_column: str = Field("text", min_length=1, description="text: the column (or JSON key) holding the text")
+    label_column: str = Field("label", min_length=1, description="text: the column (or JSON key) holding the label")
+    max_length: int = Field(128, ge=2, le=8192, description="text: tokens kept per text (longer texts are cut)")
     shift: Literal["none", "rotate90", "invert", "noise"] = Field(
         "none", description="a domain shift applied to the target task's images (never to the pretraining source)")
 
     @model_validator(mode="after")
     def _root(self) -> "DataConfig":
-        if self.kind == "imagefolder" and not self.root:
-            raise ValueError("kind imagefolder needs root: the folder of <class>/<image> folders")
+        if self.kind in ("imagefolder", "text") and not self.root:
+            raise ValueError(f"kind {self.kind} needs root: " + ("the folder of <class>/<image> folders"
+                             if self.kind == "imagefolder" else "a CSV or JSONL file, or a folder of <class>/*.txt"))
+        if self.kind in TEXT_KINDS and self.shift != "none":
+            raise ValueError("shift applies to images only; remove it for text")
         return self
+
+    def is_text(self) -> bool:
+        return self.kind in TEXT_KINDS
 
 
 class Hyperparameters(Strict):
@@ -103,6 +118,8 @@ class Hyperparameters(Strict):
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without val/f1_macro gain")
     label_smoothing: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False,
                                    description="label smoothing of the training loss (0 = none)")
+    pooling: Literal["mean", "first"] = Field("mean", description="text models: one vector per text from the mean of "
+                                                               "its token states or its first token's")
 
 
 # One field per hyperparameter, derived: the search space cannot drift from what a run takes.
@@ -150,6 +167,10 @@ class SweepConfig(Strict):
     workers: int = Field(1, ge=1, description="worker processes sharing the study on this machine")
     heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(30, gt=0, description="seconds without a heartbeat before a trial is failed and retried")
+    max_wait: float = Field(600, gt=0, allow_inf_nan=False,
+                            description="seconds a worker waits, beyond three grace periods, on a store that went "
+                            "away (the Optuna database, the tracking server) or on other workers' stalled trials, "
+                            "before the sweep stops")
     state_every_s: float = Field(5.0, ge=0, allow_inf_nan=False,
                                  description="save a running trial's resumable state at most this often, "
                                  "in seconds (0 = every epoch); Ctrl-C / SIGTERM save it too")
@@ -228,12 +249,19 @@ class Config(Hyperparameters):
                 raise ValueError(f"search.frozen_layers.high={max(self.search.frozen_layers.values())} but "
                                  f"{model} has {depth} backbone layers")
             for size in self.trial_sizes():
-                problem = archs.size_problem(model, size or archs.native_size(model))
+                problem = archs.size_problem(model, size)
                 if problem:
                     raise ValueError(f"image_size {size}: {problem}")
-            if self.weights and model in archs.SMALL:
-                raise ValueError(f"weights: {model} is ours and has no torchvision weights; use pretrain: or "
-                                 "pretrained: instead")
+            if self.weights and (model in archs.SMALL or archs.is_text(model)):
+                raise ValueError(f"weights: {model} has no torchvision weights; use " +
+                                 ("its own (model: hf:<hub id or folder>)" if archs.is_text(model) else
+                                  "pretrain: or pretrained:") + " instead")
+            if archs.is_text(model) != self.data.is_text():
+                raise ValueError(f"model {model} takes {'text' if archs.is_text(model) else 'images'} but data.kind is "
+                                 f"{self.data.kind}; pair hf: models with text data, image models with images")
+            if archs.is_text(model) and self.pretrain is not None:
+                raise ValueError(f"pretrain: {model} comes pretrained (its hub id or folder holds the weights); remove "
+                                 "the pretrain: section")
         if self.weights and self.pretrain is not None and not self.pretrained:
             raise ValueError("weights and pretrain both choose the backbone's starting weights; keep one")
         if self.data.kind == "fashion_mnist":  # its sizes are known before any image is read
@@ -275,8 +303,8 @@ class Config(Hyperparameters):
         return [self.model_copy(update={"model": m, "image_size": s})
                 for m in self.trial_models() for s in self.trial_sizes()]
 
-    def input_size(self) -> int:
-        """The square size images are resized to for this run's model."""
+    def input_size(self) -> int | None:
+        """The square size images are resized to for this run's model (None for text)."""
         return self.image_size or archs.native_size(self.model)
 
     def pretrain_key(self) -> str:
@@ -300,18 +328,3 @@ def _check_classes(v: list[int | str]) -> list[int | str]:
     if len(v) < 2:
         raise ValueError("a classification task needs at least two classes")
     return v
-
-
-def describe_keys() -> str:
-    """Every config key with its default and description, for `python -m fine_tune keys`."""
-    lines = []
-    for model, prefix in ((Config, ""), (DataConfig, "data."), (PretrainConfig, "pretrain."), (SweepConfig, "sweep."),
-                          (CurveConfig, "curve.")):
-        for name, f in model.model_fields.items():
-            if name in ("pretrain", "search", "sweep", "data", "curve"):
-                continue
-            default = f.default if not callable(f.default_factory) else f.default_factory()
-            lines.append(f"  {prefix + name:26s} {f.description}  [default: {default!r}]")
-    lines.append(f"  {'search.<name>':26s} values to try for a hyperparameter: {{low, high, log}} for a number, or a "
-                 f"list of choices; <name> is one of {', '.join(Hyperparameters.model_fields)}")
-    return "\n".join(lines)

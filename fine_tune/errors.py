@@ -1,5 +1,8 @@
 """The errors a user can act on, in one light module: the CLI catches them (one `error:` line, exit 2; a dead
 worker exit 1) without importing torch, Optuna or MLflow, so `keys`, `--help` and a bad config answer at once."""
+from __future__ import annotations
+
+from typing import Iterator
 
 
 class ConfigError(ValueError):
@@ -24,3 +27,13 @@ class TrackingError(RuntimeError):
 
 class WorkerDied(RuntimeError):
     """A worker process ended abnormally (killed, out of memory)."""
+
+
+def causes(e: BaseException | None) -> Iterator[BaseException]:
+    """`e`, then what it was raised from or while handling, and so on: a library often wraps the error that says
+    what happened (a full disk, a server that went away) in one of its own."""
+    seen = set()
+    while e is not None and id(e) not in seen:  # a chain can loop back on itself
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__

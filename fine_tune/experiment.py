@@ -1,5 +1,6 @@
 """Reading an experiment: the YAML file (refused when it is not one: too big, not UTF-8, an alias bomb, a key given
-twice), the `--set key=value` overrides, and validation into a `Config`, every error one line naming the key."""
+twice), the `--set key=value` overrides, and validation into a `Config`, every error one line naming the key; and
+the keys such a file may hold, for `python -m fine_tune keys`."""
 from __future__ import annotations
 
 import reprlib
@@ -9,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fine_tune.config import Config
+from fine_tune.config import Config, CurveConfig, DataConfig, Hyperparameters, PretrainConfig, SweepConfig
 from fine_tune.errors import ConfigError
 
 MAX_YAML_BYTES = 1 << 20
@@ -93,3 +94,18 @@ def _one_line(e: ValidationError) -> str:
     elif "input" in err and err["type"] not in ("value_error", "missing"):
         msg = f"{msg} (got {reprlib.repr(err['input'])})"  # short: an input may be huge
     return f"{key}: {msg}"
+
+
+def describe_keys() -> str:
+    """Every config key with its default and description, for `python -m fine_tune keys`."""
+    lines = []
+    for model, prefix in ((Config, ""), (DataConfig, "data."), (PretrainConfig, "pretrain."), (SweepConfig, "sweep."),
+                          (CurveConfig, "curve.")):
+        for name, f in model.model_fields.items():
+            if name in ("pretrain", "search", "sweep", "data", "curve"):
+                continue
+            default = f.default if not callable(f.default_factory) else f.default_factory()
+            lines.append(f"  {prefix + name:26s} {f.description}  [default: {default!r}]")
+    lines.append(f"  {'search.<name>':26s} values to try for a hyperparameter: {{low, high, log}} for a number, or a "
+                 f"list of choices; <name> is one of {', '.join(Hyperparameters.model_fields)}")
+    return "\n".join(lines)

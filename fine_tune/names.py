@@ -1,6 +1,8 @@
 """The names every store and every reader shares, in one torch-free module that `analysis/` imports too: the tag
 that says what made a run and its values, the tags a run of each kind carries, the metric vocabulary and the name of
 a study's label-efficiency experiment. A tag or key written here is read back under the same name everywhere."""
+import os
+import socket
 
 # `fine_tune.role`: what made a run. A study's tree holds one `study` parent (and one `confirm` parent) with `trial`
 # and `rerun` children; `make train` runs are `train`, `make rerun` makes `reproduction`s, `make curve` `curve` runs.
@@ -12,7 +14,9 @@ TRAINING_ROLES = (TRIAL, RERUN, TRAIN, CURVE, REPRODUCTION)  # the runs that tra
 # What a run is (a re-run's trial and seed, a curve run's arm and budget) and how it ended.
 RERUN_OF, SEED, VARY, WORKER = "fine_tune.rerun_of", "fine_tune.seed", "fine_tune.vary", "fine_tune.worker"
 ARM, BUDGET = "fine_tune.arm", "fine_tune.budget"
+TUNED_BY = "fine_tune.tuned_by"  # a curve's fine-tuned runs: their hyperparameters and where they came from
 REASON, OUTCOME, CHAMPION = "fine_tune.reason", "fine_tune.outcome", "fine_tune.champion"
+BEST_EXACT = "fine_tune.best/"  # + "val/f1_macro"...: a run's best/val/* metrics as tags, every digit the UI can show
 STUDY_NAME, TRIAL_NUMBER, TRIAL_STATE = "optuna.study_name", "optuna.trial_number", "optuna.trial_state"
 
 # The metric vocabulary: MLflow keys, Optuna's objective and the report's columns.
@@ -28,3 +32,8 @@ def role_filter(role: str) -> str:
 def curve_experiment(study: str) -> str:
     """The MLflow experiment that holds a study's label-efficiency curve (`make curve`)."""
     return f"{study}-curve"
+
+
+def worker_id() -> str:
+    """host:pid of this process, the value of the WORKER tag: who runs a trial, a re-run or a registration."""
+    return f"{socket.gethostname()}:{os.getpid()}"

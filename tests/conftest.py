@@ -7,6 +7,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: folders, the cache or packaged weights
 
 from helpers import tiny_config  # noqa: E402
 

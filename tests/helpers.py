@@ -1,8 +1,11 @@
 """What several test files share: the tiny real-data configs, the tiny sweep, and how a test runs the CLI."""
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import optuna
@@ -11,6 +14,31 @@ from fine_tune.config import Config
 from fine_tune.track.stores import optuna_storage
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], object], proc: subprocess.Popen | None = None, what: str = "the awaited moment",
+             bound_s: float = 900.0, output: Callable[[], str] | None = None, every_s: float = 0.05):
+    """Wait on observed progress: return `check()`'s first true value; fail at once if `proc` ended first. The bound
+    is only for a hang: a loaded CI machine (2 cores, load 4+) once took more than the two minutes a fixed wait
+    allowed, so no fixed guess of its speed is made."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            said = output() if output else (proc.stderr.read() if proc.stderr else "")
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}: {said[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no progress to {what} in {bound_s:.0f} s")
+        time.sleep(every_s)
 
 
 def tiny_config(tmp_path, **overrides) -> Config:

@@ -40,6 +40,45 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert md.count("\n| (") == 15 + 3 + 1 + 2 and "tutorial loop" in md and "resnet18 at 32 px" in md
 
 
+@pytest.mark.slow
+def test_the_text_peer_runs_the_same_trials_both_ways_and_counts_what_each_tree_holds(tmp_path):
+    """Row (l) tiny: Trainer.hyperparameter_search and our sweep try the same 2 points on the same fortunes; the row
+    says what each MLflow tree holds, so the trees are checked here: Trainer logs its arguments and the model's
+    config in the first trial's run only and never the trial's frozen_layers, with no parent, artifacts or
+    datasets; ours nests every trial under the study's run with its hyperparameters, checkpoint and data."""
+    from benchmarks.text_peer import text_figures, text_rows
+
+    f = text_figures(tmp_path, quick=True)  # `make test` installs accelerate for it, as `make bench` does
+    assert "skipped" not in f, f.get("skipped")
+    hf, ours = f["hf"], f["ours"]
+    assert hf["trials"] == ours["trials"] == f["trials"] == 2 and hf["params"] == ours["params"]
+    assert hf["epochs"] == ours["epochs"] == 2 * f["epochs"] and f["speedup_per_trial"] > 0
+    th, to = f["hf_holds"], f["ours_holds"]
+    assert th["trial_runs"] == to["trial_runs"] == 2 and to["runs"] == 3
+    assert to["nested"] and not th["nested"]
+    assert th["params_per_trial"] > 100 and th["params_per_trial_min"] == 0 and th["trials_with_searched_params"] == 0
+    assert to["params_per_trial_min"] > 0 and to["trials_with_searched_params"] == 2
+    assert th["artifacts_per_trial"] == th["datasets"] == 0 < to["artifacts_per_trial"] and to["datasets"] == 2
+    rows = text_rows(f)
+    assert len(rows) == 2 and "0 of 2 hold the trial's lr and frozen_layers" in rows[1][1]
+
+
+def test_the_text_peer_freezes_the_same_stages_as_ours():
+    """The peer's model_init freezes what our frozen_layers freezes: the embeddings, then the same block groups."""
+    from transformers import AutoModelForSequenceClassification
+
+    from benchmarks.text_peer import hf_stages
+    from fine_tune.learn.encoders import encoder_stages, model_dir
+
+    minilm = "hf:sentence-transformers/all-MiniLM-L6-v2"
+    ours, _ = encoder_stages(minilm)  # the real weights, so that equal tensors mean the same layers
+    theirs = hf_stages(AutoModelForSequenceClassification.from_pretrained(str(model_dir(minilm)), num_labels=4))
+    assert len(theirs) == len(ours) == 5
+    for a, b in zip(ours, theirs):
+        assert sorted(p.shape for p in a.parameters()) == sorted(p.shape for p in b.parameters())
+        assert all(any(p.equal(q) for q in b.parameters()) for p in a.parameters())  # the same layers
+
+
 def test_steady_rate_counts_only_the_window_where_every_worker_runs_trials():
     """Worker a runs 0-1, 1-2, 2-3 s; worker b starts half a second late and runs 0.5-1.5, 1.5-2.5 s. While both
     run (0.5-2.5 s) they do half of a's first and last trials, all of the other three: 4 trials in 2 s."""

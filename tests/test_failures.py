@@ -2,12 +2,15 @@
 import sqlite3
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from helpers import write_experiment
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from fine_tune.__main__ import main
 from fine_tune.learn.models import build_model
+from fine_tune.track.stores import optuna_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_KEYS = "classes: [5, 6, 7, 8, 9]\nsearch: {lr: {low: 1.0e-3, high: 1.0e-2, log: true}}\n"
@@ -140,3 +143,33 @@ def test_counts_below_one_are_refused(args, message, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.yaml"]
+
+
+SPACE_CHANGES = {  # what a study's trials recorded, and what the experiment file (helpers.TINY_YAML) now says
+    "head_size": (CategoricalDistribution([0, 32]), 32,
+                  "search.head_size: study changed has trials with the choices [0, 32], and Optuna cannot change that "
+                  "to the choices [0, 16] within a study; keep the choices [0, 32], or give the new search a new study "
+                  "name"),
+    "lr": (FloatDistribution(1e-3, 3e-2), 0.01,
+           "search.lr: study changed has trials with a range [0.001, 0.03], and Optuna cannot change that to a "
+           "log-scale range [0.001, 0.03]"),
+}
+
+
+@pytest.mark.parametrize("name", SPACE_CHANGES)
+def test_a_search_space_the_study_cannot_take_is_refused_before_any_trial(name, tmp_path, monkeypatch, capsys,
+                                                                         tiny_backbone):
+    """Issue 22 item 10: `head_size [0, 32]` -> `[0, 16]` on the same study ended each new trial in Optuna's "does not
+    support dynamic value space" and a FAIL trial per attempt. Now one line naming the study and the fix, exit 2, and
+    no trial added."""
+    before, value, message = SPACE_CHANGES[name]
+    monkeypatch.setenv("FINE_TUNE_DATA", str(ROOT / "data"))
+    monkeypatch.chdir(tmp_path)
+    write_experiment(tmp_path / "e.yaml", backbone=tiny_backbone[0], study="changed")
+    study = optuna.create_study(study_name="changed", direction="maximize",
+                                storage=optuna_storage(f"sqlite:///{tmp_path}/runs/optuna.db"))
+    study.add_trial(optuna.trial.create_trial(params={name: value}, distributions={name: before}, value=0.5))
+    assert main(["sweep", "--config", "e.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]

@@ -55,7 +55,7 @@ def test_rerun_of_the_best_trial_is_identical(swept):
     cfg, study = swept
     run_id = study.best_trial.user_attrs["mlflow_run_id"]
     said = []
-    same, text = reproduce(run_id, cfg.runs_dir, log=said.append)
+    same, text = reproduce(run_id, cfg, log=said.append)
     assert same and "verdict: identical" in text, text
     runs = runs_of(cfg.runs_dir, cfg.study)
     again = runs[runs["tags.fine_tune.rerun_of"] == run_id]
@@ -69,7 +69,7 @@ def test_rerun_trains_with_the_thread_count_the_run_logged(swept, monkeypatch):
     cfg, study = swept
     run_id = study.best_trial.user_attrs["mlflow_run_id"]
     monkeypatch.setenv("FINE_TUNE_THREADS", "2")
-    same, text = reproduce(run_id, cfg.runs_dir, log=lambda s: None)
+    same, text = reproduce(run_id, cfg, log=lambda s: None)
     runs = runs_of(cfg.runs_dir, cfg.study)
     logged = runs[runs.run_id == run_id]["metrics.threads"].iloc[0]
     again = runs[runs["tags.fine_tune.rerun_of"] == run_id]
@@ -80,15 +80,15 @@ def test_rerun_trains_with_the_thread_count_the_run_logged(swept, monkeypatch):
 def test_rerun_refuses_what_it_cannot_rebuild(swept):
     cfg, _ = swept
     with pytest.raises(ConfigError, match="is not in"):
-        reproduce("0" * 32, cfg.runs_dir)
+        reproduce("0" * 32, cfg)
     client = MlflowClient(f"sqlite:///{cfg.run_dir().resolve()}/mlflow.db")
     foreign = client.create_run(client.get_experiment_by_name(cfg.study).experiment_id)
     client.set_terminated(foreign.info.run_id)
     with pytest.raises(ConfigError, match="was not made by a fine_tune training run"):
-        reproduce(foreign.info.run_id, cfg.runs_dir)
+        reproduce(foreign.info.run_id, cfg)
     parent = runs_of(cfg.runs_dir, cfg.study).query("`tags.fine_tune.role` == 'study'").run_id.iloc[0]
     with pytest.raises(ConfigError, match="was not made by a fine_tune training run"):
-        reproduce(parent, cfg.runs_dir)
+        reproduce(parent, cfg)
 
 
 def test_train_is_tracked_by_default_and_a_new_seed_reuses_the_backbone(tmp_path, capsys):
@@ -140,7 +140,7 @@ def test_a_dirty_tree_is_tagged_with_its_diff_and_rerun_says_the_code_differs(tm
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "second")
     provenance._code_state.cache_clear()
     warned = []
-    same, text = reproduce(run_id, cfg.runs_dir, log=warned.append)
+    same, text = reproduce(run_id, cfg, log=warned.append)
     assert any("the code differs: the run was made at commit" in w for w in warned), warned
     assert any("uncommitted changes" in w for w in warned)
     assert same  # the change did not touch training: the numbers are the same, and the warning says why they could not be

@@ -3,13 +3,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import optuna
 import pytest
 import sqlalchemy
-from helpers import cli_env, runs_of, study_in, write_experiment
+from helpers import cli_env, runs_of, study_in, wait_for, write_experiment
 
 from fine_tune.learn.data import splits_for
 from fine_tune.learn.train import train
@@ -42,21 +41,6 @@ def test_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path):
 def start_sweep(tmp_path, *args, **env):
     return subprocess.Popen([sys.executable, "-m", "fine_tune", "sweep", "--config", "e.yaml", *args], cwd=tmp_path,
                             env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(predicate, proc=None, timeout=900.0):
-    """Wait on the sweep's own progress: return as soon as `predicate` holds, fail at once if the sweep process
-    ended. The bound is only for a sweep that hangs: a loaded CI machine (2 cores, load 4+) once took more than the
-    two minutes a fixed wait allowed to reach epoch 3, so no fixed guess of its speed is made here."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before the awaited moment: "
-                                 f"{proc.stderr.read()[-2000:]}")
-        time.sleep(0.02)
-    raise AssertionError(f"the sweep made no progress to the awaited moment in {timeout:.0f} s")
 
 
 def running_trials(tmp_path, study_name: str, epochs: int = 1) -> list:

@@ -3,7 +3,6 @@
 Tests that need PostgreSQL fail (not skip) when CI=true and the server is unreachable.
 """
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import cli_env, study_in, write_experiment
+from helpers import cli_env, free_port, study_in, wait_for, write_experiment
 from mlflow.tracking import MlflowClient
 
 PG = "postgresql://127.0.0.1:5432"
@@ -77,12 +76,6 @@ def pg_databases():
     conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(backend: str, artifacts: Path, port: int) -> subprocess.Popen:
     """`mlflow server` on loopback, returned once it answers /health (fails at once if it exits)."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -131,16 +124,6 @@ def test_four_workers_on_postgres_and_a_tracking_server(tmp_path, tiny_backbone,
           f"{40 / elapsed * 60:.1f} trials/min, {len(children)} child runs")
 
 
-def wait_until(what: str, check, proc: subprocess.Popen, out: Path, bound_s: float = 600):
-    """Poll `check()` until it holds; fail at once if the sweep exits first (the bound is for a hang)."""
-    deadline = time.monotonic() + bound_s
-    while not check():
-        if proc.poll() is not None:
-            pytest.fail(f"the sweep ended (rc {proc.returncode}) before {what}: {out.read_text()[-3000:]}")
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_a_tracking_server_outage_requeues_the_trial_and_the_sweep_finishes_when_it_is_back(tmp_path, tiny_backbone,
                                                                                            pg_databases):
@@ -164,10 +147,11 @@ def test_a_tracking_server_outage_requeues_the_trial_and_the_sweep_finishes_when
             except KeyError:  # the study is not created yet
                 return 0
             return sum(t.state.name == "COMPLETE" for t in trials)
-        wait_until("two complete trials", lambda: complete() >= 2, proc, out)
+        wait_for(lambda: complete() >= 2, proc, "two complete trials", 600, out.read_text)
         server.terminate()
         server.wait(timeout=60)
-        wait_until("the worker waiting for the server", lambda: "unreachable: waiting" in out.read_text(), proc, out)
+        wait_for(lambda: "unreachable: waiting" in out.read_text(), proc, "the worker waiting for the server", 600,
+                 out.read_text)
         server = start_server(pg_databases[1], tmp_path / "served-artifacts", port)
         assert proc.wait(timeout=900) == 0, out.read_text()[-3000:]
         check_outage(out, pg_databases[0], url)
@@ -214,3 +198,37 @@ def test_only_a_server_that_cannot_be_reached_counts_as_lost():
     assert not tracking_lost(wrapped, "sqlite:///runs/mlflow.db")  # a local store's errors are the run's own
     assert not tracking_lost(MlflowException("RESOURCE_DOES_NOT_EXIST: run not found"), "http://127.0.0.1:5000")
     assert not tracking_lost(ValueError("loss is nan"), "http://127.0.0.1:5000")
+
+
+@pytest.mark.slow
+def test_train_and_rerun_work_behind_a_basic_auth_proxy(tmp_path, tiny_backbone):
+    """The README's way to expose a tracking server: on loopback behind a reverse proxy asking for basic auth on every
+    path, /health included. With MLFLOW_TRACKING_USERNAME / _PASSWORD, as MLflow's client reads them, a run is tracked
+    and rerun through it; without them, or with a wrong password, the command stops in one line saying which."""
+    import re
+
+    from auth_proxy import basic_auth_proxy
+    from helpers import run_cli
+
+    port = free_port()
+    server = start_server(f"sqlite:///{tmp_path}/served.db", tmp_path / "served-artifacts", port)
+    write_experiment(tmp_path / "e.yaml", tiny_backbone[0], study="behind-auth")
+    try:
+        with basic_auth_proxy(port, "alice", "s3cret") as url:
+            for password, said in ((None, "with no credentials"), ("wrong", "with the credentials given")):
+                creds = {"MLFLOW_TRACKING_PASSWORD": password, "MLFLOW_TRACKING_USERNAME": "alice"} if password else {}
+                p = run_cli(tmp_path, "train", "--config", "e.yaml", MLFLOW_TRACKING_URI=url, **creds)
+                assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+                assert f"error: MLflow tracking server {url} turned us away {said} (HTTP 401" in p.stderr
+            creds = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cret"}
+            p = run_cli(tmp_path, "train", "--config", "e.yaml", MLFLOW_TRACKING_URI=url, **creds)
+            assert p.returncode == 0, p.stderr[-3000:]
+            run_id = re.search(r"tracked: MLflow run (\w+)", p.stdout)[1]
+            p = run_cli(tmp_path, "rerun", run_id, "--config", "e.yaml", MLFLOW_TRACKING_URI=url, **creds)
+            assert p.returncode == 0 and "verdict: identical" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    client = MlflowClient(f"sqlite:///{tmp_path}/served.db")
+    runs = client.search_runs([client.get_experiment_by_name("behind-auth").experiment_id])
+    assert sorted(r.data.tags["fine_tune.role"] for r in runs) == ["reproduction", "train"]

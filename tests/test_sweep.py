@@ -13,8 +13,11 @@ from fine_tune.learn import checkpoints
 from fine_tune.learn.data import splits_for
 from fine_tune.learn.models import build_model
 from fine_tune.learn.train import evaluate, scores
-from fine_tune.study.sweep import run_sweep
-from fine_tune.track.stores import optuna_storage, optuna_url
+from fine_tune.study.sweep import run_sweep, trial_outcome
+from fine_tune.study.workers import Attempt
+from fine_tune.track.stores import optuna_storage, optuna_url, tracking_uri
+from fine_tune.track.tracking import train_in_run
+from fine_tune.track.tree import StudyTracker
 
 
 @pytest.fixture
@@ -67,21 +70,9 @@ def test_sweep_builds_one_parent_and_a_child_per_trial_and_resumes(sweep_cfg, tm
         names = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
         became_champion = int(run["tags.optuna.trial_number"]) == study.user_attrs["champion_trial"]
         assert names == {"evaluation/confusion_matrix.json", "evaluation/per_class_report.json",
-                         "evaluation/test_predictions.json"} | ({"evaluation/confusion_matrix.png"}
+                         "evaluation/per_class_f1.json", "evaluation/test_predictions.json"} | ({"evaluation/confusion_matrix.png"}
                                                                 if became_champion else set())
-    assert study.user_attrs["champion_trial"] == study.best_trial.number
-    versions = client.search_model_versions(f"name='{cfg.study}'")
-    assert len(versions) == 1  # registered once, when the sweep ended: not once per improving trial
-    logged = mlflow.models.get_model_info(f"models:/{cfg.study}@champion")
-    assert logged.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"  # images, as the model takes them
-
-    # the champion alias points at the best trial, and the registered model reproduces its val metric
-    champion = client.get_model_version_by_alias(cfg.study, "champion")
-    best_run = children[children["tags.optuna.trial_number"] == str(study.best_trial.number)].iloc[0]
-    assert champion.tags["run_id"] == best_run.run_id
-    model = mlflow.pytorch.load_model(f"models:/{cfg.study}@champion")
-    _, pred = evaluate(model, splits.val, torch.device("cpu"))
-    assert scores("val", splits.val.y.numpy(), pred)["val/f1_macro"] == pytest.approx(study.best_value, abs=1e-9)
+    assert study.user_attrs["champion_trial"] == study.best_trial.number  # what is registered: test_registry.py
 
     # a rerun continues the same study under the same parent; it registers a second version only if it found better
     best_before = study.best_value
@@ -117,10 +108,43 @@ def test_pruned_and_diverged_trials_are_closed_with_their_reason(sweep_cfg):
     assert by_trial[1]["tags.mlflow.note.content"].startswith("**Pruned** (pruned at epoch")
     assert by_trial[0]["tags.fine_tune.outcome"] == "complete"
     assert len(MlflowClient().get_metric_history(by_trial[1].run_id, "val/f1_macro")) >= 1  # its curve is kept
+    reported = study_in(cfg.runs_dir, cfg.study).trials[1].intermediate_values  # and what it reached, as Optuna has it
+    assert by_trial[1]["metrics.best/val/f1_macro"] == max(reported.values())
+    assert by_trial[1]["metrics.epochs_run"] == len(reported) and by_trial[1]["metrics.best_epoch"] >= 1
     assert by_trial[2].status == "FAILED" and "lower the learning rate" in by_trial[2]["tags.fine_tune.reason"]
     states = [t.state.name for t in study_in(cfg.runs_dir, cfg.study).trials]
     assert states[:3] == ["COMPLETE", "PRUNED", "FAIL"]
     assert len(states) == 4 and states[3] in ("COMPLETE", "PRUNED")  # n_trials counts finished trials
+
+
+def test_a_pruned_trial_logs_the_best_epoch_it_reached_not_its_last(tmp_path):
+    """One column of the runs table compares every trial: a pruned trial's run logs `best/val/*` of its best epoch (the
+    value Optuna and the report give it), `best_epoch` and `epochs_run`, as a finished trial's does; its curves keep
+    the last epoch as their latest point."""
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.65, n_warmup_steps=3))
+    tracker = StudyTracker("s", tracking_uri(tmp_path / "runs"))
+    epochs = [{"train/loss": 1.0, "val/loss": 1.5 - f, "val/accuracy": f + 0.01, "val/f1_macro": f}
+              for f in (0.5, 0.7, 0.6)]
+    trial = study.ask()
+    attempt = Attempt(trial, tmp_path / "state", "val/f1_macro")
+
+    def train(run):  # what the training loop does each epoch: log it, then hand it to on_epoch
+        for epoch, metrics in enumerate(epochs, start=1):
+            run.log_metrics(metrics, step=epoch)
+            attempt.report(epoch, metrics)
+
+    with pytest.raises(optuna.TrialPruned, match="pruned at epoch 3"):
+        train_in_run(lambda: attempt.open_run(tracker, {"lr": 0.1}, None), train, trial_outcome)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    tracker.close()
+    run = tracker.client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    m = run.data.metrics
+    assert run.info.status == "KILLED" and run.data.tags["fine_tune.outcome"] == "pruned at epoch 3"
+    assert m["best/val/f1_macro"] == max(study.trials[0].intermediate_values.values()) == 0.7
+    assert (m["best_epoch"], m["epochs_run"]) == (2, 3)
+    assert (m["best/val/loss"], m["best/val/accuracy"]) == (epochs[1]["val/loss"], epochs[1]["val/accuracy"])
+    assert m["val/f1_macro"] == 0.6  # the curve's latest point: the epoch it was pruned at
 
 
 def test_sweep_without_a_search_space_is_refused(sweep_cfg, tmp_path):

@@ -1,4 +1,7 @@
 """The MLflow side on a real SQLite store: a run's lifecycle under every way it can end, retries, refused params."""
+import json
+from pathlib import Path
+
 import pytest
 from mlflow.exceptions import MlflowException
 
@@ -137,3 +140,27 @@ def test_two_launchers_defining_the_study_at_once_both_go_on(tmp_path, monkeypat
     run = real(first.parent.run_id)
     assert run.data.params == {"n_trials": "5", "sampler": "tpe"}  # the first definition stands
     assert run.data.tags["fine_tune.definition_changed"] == "sampler"
+
+
+def test_every_change_of_the_study_definition_is_recorded_on_the_parent(tracker, tmp_path):
+    """Issue 22 item 16: a search dimension added or dropped by a later sweep was recorded nowhere (only changed
+    values of keys already logged were, and the tag never went). The parent keeps the first definition as params,
+    each sweep's own as `definition.json`, and names every changed, added and removed key until they agree again."""
+    def artifact(n):
+        (tmp_path / str(n)).mkdir()
+        return json.loads(Path(tracker.client.download_artifacts(tracker.parent.run_id, "definition.json",
+                                                                 str(tmp_path / str(n)))).read_text())
+
+    def changed():
+        return tracker.client.get_run(tracker.parent.run_id).data.tags.get("fine_tune.definition_changed")
+
+    first = {"sampler": "tpe", "n_trials": 5, "search.lr": "{low: 0.001}", "search.head_size": "[0, 16]"}
+    later = {"sampler": "random", "n_trials": 9, "search.lr": "{low: 0.001}", "search.weight_decay": "{low: 0.0}"}
+    tracker.define(first)
+    assert changed() is None and artifact(1) == first
+    tracker.define(later)
+    assert tracker.client.get_run(tracker.parent.run_id).data.params == {k: str(v) for k, v in first.items()}
+    assert changed() == "sampler, search.head_size (removed), search.weight_decay (added)"  # n_trials is per sweep
+    assert artifact(2) == later
+    tracker.define(first)  # back to the first: nothing differs any more
+    assert changed() is None and artifact(3) == first

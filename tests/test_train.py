@@ -20,7 +20,7 @@ def test_fine_tune_from_a_pretrained_backbone_beats_chance(tiny, tiny_backbone):
     path, _ = tiny_backbone
     cfg = tiny(frozen_layers=1, head_size=32, epochs=4, lr=3e-3)
     seen = []
-    result = train(cfg, backbone=path, on_epoch=lambda e, m: seen.append((e, m)))
+    result = train(cfg, splits_for(cfg), backbone=path, on_epoch=lambda e, m: seen.append((e, m)))
     assert result.status == "finished" and [e for e, _ in seen] == [1, 2, 3, 4]
     m = result.metrics
     assert m["test/accuracy"] > 0.5 and m["val/f1_macro"] > 0.5  # chance is 0.2 on five classes
@@ -33,7 +33,8 @@ def test_fine_tune_from_a_pretrained_backbone_beats_chance(tiny, tiny_backbone):
 
 
 def test_selection_uses_validation_only(tiny):
-    result = train(tiny(epochs=5, lr=1e-2))
+    cfg = tiny(epochs=5, lr=1e-2)
+    result = train(cfg, splits_for(cfg))
     assert all(not k.startswith("test/") for h in result.history for k in h)
     val_f1 = [h["val/f1_macro"] for h in result.history]
     assert result.best_epoch == val_f1.index(max(val_f1)) + 1
@@ -55,13 +56,15 @@ def test_same_config_and_seed_give_the_same_metrics(tiny):
 
 
 def test_early_stopping_respects_patience(tiny):
-    result = train(tiny(epochs=30, patience=2, lr=3e-2))
+    cfg = tiny(epochs=30, patience=2, lr=3e-2)
+    result = train(cfg, splits_for(cfg))
     assert result.metrics["epochs_run"] < 30
     assert result.metrics["epochs_run"] - result.best_epoch == 2
 
 
 def test_a_diverging_run_ends_with_a_status_not_a_traceback(tiny):
-    result = train(tiny(lr=1e12, epochs=3))
+    cfg = tiny(lr=1e12, epochs=3)
+    result = train(cfg, splits_for(cfg))
     assert result.status == "diverged" and "lower the learning rate" in result.message
 
 
@@ -70,7 +73,7 @@ def test_cnn_learns_with_frozen_layers(tiny):
     their BatchNorm statistics) unchanged. Measured here: test accuracy 0.655."""
     cfg = tiny(model="cnn", epochs=3, frozen_layers=2)
     initial = prepare_model(cfg, 5).state_dict()
-    result = train(cfg)
+    result = train(cfg, splits_for(cfg))
     assert result.status == "finished" and result.metrics["test/accuracy"] > 0.45
     assert result.metrics["trainable_params"] == count_params(build_model("cnn", 5, frozen_layers=2))
     for k, v in result.model.state_dict().items():

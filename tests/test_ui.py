@@ -1,16 +1,19 @@
-"""What a person sees, looked at in headless Chromium: `make ui` opens on the study's runs table with short run names
-and the trials nested under the study's run; the report shows every trial, pruned ones included."""
+"""What a person sees, looked at in headless Chromium: `make ui` opens on the study's trials, best first, with their
+outcome, score and searched hyperparameters, and short names whole; one click keeps every page in the model-training
+layout; the report shows every trial, pruned ones included."""
+import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import parse_qs
 
 import optuna
 import pytest
 from browser import Page, chromium
-from helpers import cli_env, study_in, write_experiment
+from helpers import cli_env, free_port, study_in, write_experiment
 
 from analysis.__main__ import main as analysis_main
 
@@ -40,20 +43,15 @@ def pruned_study(tmp_path_factory, tiny_backbone):
     return tmp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_make_ui_opens_on_the_runs_table_with_the_trials_nested_and_their_names_whole(pruned_study):
+@pytest.fixture(scope="module")
+def ui(pruned_study):
+    """`make ui` over the study, as a user runs it: the URL it prints first, once its server answers."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fine_tune", "ui", "--config", "e.yaml", "--port", str(port)],
                               cwd=pruned_study, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True)
     try:
         url = server.stdout.readline().split(": ", 1)[1].strip()  # the one line `make ui` prints first
-        assert url == f"http://127.0.0.1:{port}/#/experiments/1/runs?workflowType=machine_learning"
         deadline = time.monotonic() + 600  # fails at once if the server exits; the bound is for a hang
         while True:  # the server's own readiness, not a fixed sleep
             try:
@@ -62,26 +60,112 @@ def test_make_ui_opens_on_the_runs_table_with_the_trials_nested_and_their_names_
             except OSError:
                 assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(0.5)
-        trials = study_in(pruned_study / "runs", "ui-study").trials
-        with Page(1600, 900) as page:
-            page.goto(url)
-            page.wait_for("document.querySelectorAll('.ag-row').length >= 1")
-            assert "Run Name" in page.js("document.body.innerText")  # the runs table, not the GenAI overview
-            expand = "document.querySelector('.ag-row button[data-component-id*=runnamecellrenderer]')"
-            page.wait_for(f"!!{expand}")
-            page.js(f"{expand}.click()")
-            cells = "document.querySelectorAll('[role=gridcell][col-id^=\"attributes.`Run Name`\"] a span')"
-            names = f"Array.from({cells}).map(s => [s.innerText, s.scrollWidth <= s.clientWidth + 1])"
-            wanted = sorted(f"t{t.number:03d}" for t in trials)
-            try:  # the table fills in as the page renders: wait for every trial's name, whole
-                page.wait_for(f"(() => {{ const seen = Object.fromEntries({names}); "
-                              f"return {wanted!r}.every(n => seen[n] === true); }})()")
-            except AssertionError:
-                pytest.fail(f"trial names missing or cut short in the runs table: {page.js(names)}")
-            page.screenshot(pruned_study / "ui.png")
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+SCORE, OUTCOME = "metrics.`best/val/f1_macro`", "tags.`fine_tune.outcome`"
+# Each row of the runs table in display order: its cells by column id, the run's name and whether it shows whole.
+ROWS = """(() => { const rows = {};
+  for (const c of document.querySelectorAll('.ag-row [role=gridcell][col-id]')) {
+    const row = rows[c.closest('.ag-row').getAttribute('row-index')] ??= {};
+    const name = c.getAttribute('col-id').startsWith('attributes.`Run Name`') && c.querySelector('a span');
+    if (name) { row.name = name.innerText; row.whole = name.scrollWidth <= name.clientWidth + 1; }
+    else row[c.getAttribute('col-id')] = c.innerText.trim();
+  }
+  return Object.keys(rows).sort((a, b) => a - b).map(i => rows[i]); })()"""
+HEADER = "Array.from(document.querySelectorAll('.ag-header-cell[col-id]')).map(c => c.getAttribute('col-id'))"
+NAME_LINK = ("(n => Array.from(document.querySelectorAll('[role=gridcell][col-id^=\"attributes.`Run Name`\"] a'))"
+             ".find(a => a.innerText.trim() === n))")
+BUTTON = "(t => Array.from(document.querySelectorAll('button, [role=button]')).find(b => b.innerText.trim() === t))"
+
+
+def reached(trial) -> float:
+    """What Optuna and the report give a trial: its value, or for a pruned one the best value it reported."""
+    return trial.value if trial.state.name == "COMPLETE" else max(trial.intermediate_values.values())
+
+
+def test_make_ui_opens_on_every_trial_best_first_with_the_searched_hyperparameters(pruned_study, ui):
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/#/experiments/1/runs\?workflowType=machine_learning"
+                        r"&viewStateShareKey=trials", ui)
+    trials = {f"t{t.number:03d}": t for t in study_in(pruned_study / "runs", "ui-study").trials}
+    with Page(1600, 900) as page:
+        page.goto(ui)
+        try:  # the table fills in as the page renders: wait for a row per trial, each with its score
+            rows = page.wait_for(f"(r => r.length === {len(trials)} && r.every(x => x.name && {SCORE!r} in x) && r)"
+                                 f"({ROWS})")
+        except AssertionError:
+            pytest.fail(f"the trials view did not show every trial: {page.js(ROWS)}")
+        assert "Run Name" in page.js("document.body.innerText")  # the runs table, not the GenAI overview
+        facets = parse_qs(page.js("location.hash").split("?", 1)[1])  # the view's filter and sort, in the URL now
+        assert facets["searchFilter"] == ["tags.`fine_tune.role` = 'trial'"]
+        assert (facets["orderByKey"], facets["orderByAsc"]) == ([SCORE], ["false"])
+        columns = [OUTCOME, SCORE, "params.`lr`", "params.`frozen_layers`", "params.`head_size`",
+                   "metrics.`best_epoch`", "metrics.`epochs_run`"]
+        shown = f"{HEADER}.filter(c => /^(tags|metrics|params)\\./.test(c)).sort()"
+        wanted = json.dumps(json.dumps(sorted(columns), separators=(",", ":")))  # as JSON.stringify writes it
+        try:  # MLflow applies the view's column order only sometimes (a race in its UI): which columns, not where
+            page.wait_for(f"JSON.stringify({shown}) === {wanted}", timeout=120)
+        except AssertionError:
+            pytest.fail(f"the view's columns are not the ones shown: {page.js(shown)}")
+        page.screenshot(pruned_study / "ui.png")
+
+        # trials only (no parent run), names whole, best first by what each reached: pruned trials by their best epoch
+        assert sorted(r["name"] for r in rows) == sorted(trials) and all(r["whole"] for r in rows), rows
+        assert [float(r[SCORE]) for r in rows] == sorted((float(r[SCORE]) for r in rows), reverse=True)
+        for r in rows:
+            t = trials[r["name"]]
+            assert float(r[SCORE]) == pytest.approx(reached(t), rel=1e-12), r
+            assert r[OUTCOME] == ("complete" if t.state.name == "COMPLETE" else
+                                  f"pruned at epoch {max(t.intermediate_values)}"), r
+            assert int(r["metrics.`epochs_run`"]) == len(t.intermediate_values) >= int(r["metrics.`best_epoch`"]) >= 1
+
+        # README: "Override saved view" keeps the view's columns when you come back from a run's page
+        page.js(f"{BUTTON}('Override saved view').click()")
+        page.wait_for(f"!{BUTTON}('Override saved view')")
+        page.js(f"{NAME_LINK}({rows[0]['name']!r}).click()")
+        page.wait_for("location.hash.includes('/runs/')")
+        page.js("history.back()")
+        page.wait_for(f"{HEADER}.includes({SCORE!r}) && {HEADER}.includes('params.`lr`')", timeout=120)
+
+
+def test_one_click_on_model_training_keeps_every_page_of_the_study_in_that_layout(pruned_study, ui):
+    """MLflow 3.17 keeps the layout per browser, not per experiment: a run's page reached from the table opens in the
+    browser's (GenAI until changed). The README's one click on "Model training" there makes it stay; the parent run,
+    clicked in the table then, shows the model-training layout, and its description links back to the trials view."""
+    with Page(1600, 900) as page:
+        page.goto(ui)
+        page.wait_for(f"!!{NAME_LINK}('t000')")
+        page.js(f"{NAME_LINK}('t000').click()")
+        page.wait_for(f"location.hash.includes('/runs/') && !!{BUTTON}('Model training')")
+        page.js(f"{BUTTON}('Model training').click()")
+        page.wait_for(f"!!{NAME_LINK}('ui-study')")  # back on the runs table, every run listed
+        page.js(f"{NAME_LINK}('ui-study').click()")
+        page.wait_for("document.body.innerText.includes('objective: maximize')")  # the parent's page, described
+        text = page.js("document.body.innerText")
+        for genai in ("Evaluations", "Evaluation runs", "Agent versions"):
+            assert genai not in text
+        links = page.js("Array.from(document.querySelectorAll('a')).filter(a => a.innerText.startsWith('Every trial'))"
+                        ".map(a => a.getAttribute('href'))")
+        assert links == ["#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=trials"]
+        page.screenshot(pruned_study / "ui-parent.png")
+
+
+def test_the_run_comparison_tells_the_top_trials_apart(pruned_study, ui):
+    """The UI rounds a metric to 3 decimals, `#/compare-runs` too (0.7751 and 0.7749 both read 0.775); each run's
+    best/val/* values are also tags, which the comparison shows whole."""
+    from urllib.parse import quote
+
+    trials = sorted(study_in(pruned_study / "runs", "ui-study").trials, key=reached, reverse=True)[:2]
+    runs = json.dumps([t.user_attrs["mlflow_run_id"] for t in trials])
+    with Page(1600, 2400) as page:
+        page.goto(f"{ui.split('#')[0]}#/compare-runs?runs={quote(runs)}&experiments={quote(json.dumps(['1']))}")
+        page.wait_for("document.body.innerText.includes('fine_tune.best/val/f1_macro')")
+        rows = page.js("document.body.innerText").splitlines()
+    shown = next(r for r in rows if r.startswith("fine_tune.best/val/f1_macro\t")).split("\t")[1:]
+    assert shown == [f"{reached(t):.6f}" for t in trials]
 
 
 def test_the_report_shows_the_pruned_trials(pruned_study):

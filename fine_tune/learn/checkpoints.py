@@ -1,6 +1,7 @@
 """Checkpoints written atomically and read safely (`weights_only=True`), with errors a user can act on."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +31,13 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def save(obj: Any, path: str | Path) -> Path:
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        # through a file object: given a path, torch names the archive's folder after it (here the random temp
+        # name), and the same tensors saved twice would hash differently (`make rerun` finds backbones by hash)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return _atomic(path, write)
 
 
 def save_json(obj: Any, path: str | Path) -> Path:
@@ -38,6 +45,13 @@ def save_json(obj: Any, path: str | Path) -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The file's sha256, read once per version of the file in a process (its size and modification time)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 

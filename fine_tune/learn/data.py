@@ -31,6 +31,7 @@ class Splits:
     class_names: list[str]
     fingerprint: str  # identifies exactly which images (and pixels) are in train and val
     digests: dict[str, str] = field(default_factory=dict)  # per split: its images' indices and pixels, hashed
+    unit: str = "images"  # what one example is, for messages
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Source:
     test: Images | None
     val: Images | None
     class_names: list[str]
+    unit: str = "images"  # what one example is, for messages
 
 
 # --- splits
@@ -120,9 +122,9 @@ def make_splits(source: Source, classes: list[int | str] | None, val_per_class: 
         n_val += holdout_per_class  # skipped like validation images, but not returned
         need = n_test + n_val + (budget_per_class or 1)
         if len(order) < need:
-            raise DataError(f"class {name!r} has {len(order)} training images, fewer than the {need} this run needs "
-                            f"(test {n_test} + validation and held out {n_val} + budget {budget_per_class or 1}); lower "
-                            "budget_per_class / val_per_class / test_per_class or add images")
+            raise DataError(f"class {name!r} has {len(order)} training {source.unit}, fewer than the {need} this run "
+                            f"needs (test {n_test} + validation and held out {n_val} + budget {budget_per_class or 1}); "
+                            f"lower budget_per_class / val_per_class / test_per_class or add {source.unit}")
         test_idx.append(order[:n_test])
         val_idx.append(order[n_test:n_test + n_val - holdout_per_class])
         end = None if budget_per_class is None else n_test + n_val + budget_per_class
@@ -143,11 +145,16 @@ def make_splits(source: Source, classes: list[int | str] | None, val_per_class: 
                                  + train.x.numpy().tobytes()).hexdigest()[:16]
     digests = {name: hashlib.sha256(split.index.numpy().tobytes() + b"|" + split.x.numpy().tobytes()).hexdigest()[:16]
                for name, split in (("train", train), ("val", val), ("test", test))}
-    return Splits(train, val, test, names, fingerprint, digests)
+    return Splits(train, val, test, names, fingerprint, digests, source.unit)
 
 
 def source_for(cfg) -> Source:
     """The data a `Config` names, at the image size its model takes."""
+    if cfg.data.is_text():  # tokenized with the model's own tokenizer
+        from fine_tune.learn.encoders import model_dir
+        from fine_tune.learn.text import text_source
+
+        return text_source(cfg, model_dir(cfg.model))
     if cfg.data.kind == "imagefolder":
         from fine_tune.learn.imagefolder import image_folder
 

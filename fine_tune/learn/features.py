@@ -19,11 +19,16 @@ from fine_tune.learn.models import Net, inference_batch
 _memory: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def cache_key(model: Net, k: int, splits: Splits) -> str:
-    """Hash of what the cached features depend on: the frozen layers' weights and exactly which images."""
-    h = hashlib.sha256(f"{k}|".encode())
-    for name, t in model.backbone[:k].state_dict().items():
-        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+def cache_key(model: Net, k: int, splits: Splits, weights: str | None = None) -> str:
+    """Hash of what the cached features depend on: the frozen layers' weights and exactly which examples. `weights`
+    names the frozen weights when they are known without reading them (the backbone checkpoint's hash: hashing a
+    text encoder's 90 MB took most of a probe trial's time)."""
+    h = hashlib.sha256(f"{k}|{model.arch}|".encode())
+    if weights is not None:
+        h.update(f"checkpoint {weights}|{getattr(model.backbone[k - 1], 'pool', None)}".encode())
+    else:
+        for name, t in model.backbone[:k].state_dict().items():
+            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
     for split in (splits.train, splits.val, splits.test):
         h.update(split.index.numpy().tobytes() + b"|")
     h.update(splits.fingerprint.encode())
@@ -41,13 +46,18 @@ def _through(model: Net, k: int, x: torch.Tensor, device: torch.device, batch: i
     out = []
     for i in range(0, len(x), batch):
         out.append(model.through(x[i:i + batch].to(device), 0, k).cpu())
+    if out[0].dim() == 3 and len({o.shape[1] for o in out}) > 1:  # a text model's batches, each as long as its
+        from fine_tune.learn.encoders import pad_cat                # longest text
+
+        return pad_cat(out)
     return torch.cat(out)
 
 
 def frozen_features(model: Net, k: int, splits: Splits, device: torch.device,
-                    cache_dir: str | Path | None = None) -> Splits:
-    """`splits` with each image replaced by the output of the first k (frozen, eval-mode) backbone layers."""
-    key = cache_key(model, k, splits)
+                    cache_dir: str | Path | None = None, weights: str | None = None) -> Splits:
+    """`splits` with each example replaced by the output of the first k (frozen, eval-mode) backbone layers
+    (`weights`: see `cache_key`)."""
+    key = cache_key(model, k, splits, weights)
     feats = _memory.get(key)
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     on_disk = False

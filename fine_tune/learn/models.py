@@ -8,12 +8,11 @@ scaled and normalised by the model itself (`Prep`), so the data stay small in me
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
-from fine_tune.archs import SMALL, TORCHVISION, TORCHVISION_STAGES, family, native_size
+from fine_tune.archs import SMALL, TEXT_STAGES, TORCHVISION, TORCHVISION_STAGES, family, is_text, native_size
 
 # Fashion-MNIST's channel statistics, for the models made for it; torchvision's models use ImageNet's, as their
 # weights' transforms do.
@@ -134,10 +133,18 @@ class Net(nn.Module):
     """`arch`'s backbone (ordered stages) and a new head for `num_classes` classes."""
 
     def __init__(self, arch: str, num_classes: int, head_size: int = 0, image_size: int | None = None,
-                 trunk_state: dict | None = None):
+                 trunk_state: dict | None = None, pooling: str = "mean", hub_weights: bool = False,
+                 initialised: bool = True):
+        """`trunk_state`: torchvision's own weights for its model; `hub_weights`: a text encoder's own weights (else
+        the architecture from its config, randomly `initialised` unless a backbone is about to be loaded)."""
         super().__init__()
         self.arch, self.image_size = arch, image_size or native_size(arch)
-        if arch in SMALL:
+        if is_text(arch):
+            from fine_tune.learn.encoders import Identity, encoder_stages
+
+            self.backbone, features = encoder_stages(arch, pooling, hub_weights, initialised)
+            self.prep = Identity()
+        elif arch in SMALL:
             self.backbone, features = {"simplenet": _simplenet_backbone, "cnn": _cnn_backbone}[arch]()
             self.prep = Prep(1, FASHION_MEAN, FASHION_STD)
         else:
@@ -179,8 +186,9 @@ class Net(nn.Module):
 
 
 def build_model(arch: str, num_classes: int, head_size: int = 0, frozen_layers: int = 0,
-                image_size: int | None = None) -> Net:
-    return Net(arch, num_classes, head_size, image_size).freeze(frozen_layers)
+                image_size: int | None = None, pooling: str = "mean", initialised: bool = True) -> Net:
+    """`initialised=False`: a backbone will overwrite every backbone weight (text encoders skip their random init)."""
+    return Net(arch, num_classes, head_size, image_size, pooling=pooling, initialised=initialised).freeze(frozen_layers)
 
 
 def inference_batch(model: nn.Module, small: int = 2048) -> int:
@@ -193,31 +201,6 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def fwd_flops(model: Net, image_size: int) -> int:
-    """FLOPs of one forward pass per image (2 per multiply-add of every convolution and Linear layer), counted by
-    running one image through with hooks."""
-    flops = [0]
-
-    def conv(m, inp, out):
-        flops[0] += 2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-
-    def linear(m, inp, out):
-        flops[0] += 2 * out.numel() // out.shape[-1] * m.in_features * m.out_features
-
-    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(torch.zeros(1, 1, image_size, image_size, dtype=torch.uint8))
-            model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
-    return flops[0]
-
-
 def describe(arch: str) -> tuple[int, int | None]:
     """(stages, parameters) of an architecture, the parameters from torchvision's weights metadata when it has
     some (no model is built), else by building it."""
@@ -228,4 +211,5 @@ def describe(arch: str) -> tuple[int, int | None]:
             return TORCHVISION_STAGES, torchvision.models.get_model_weights(arch).DEFAULT.meta["num_params"]
         except (ValueError, AttributeError, KeyError):
             pass
-    return SMALL[arch][0], count_params(build_model(arch, 10), trainable_only=False)  # for their 10 classes
+    stages = TEXT_STAGES if is_text(arch) else SMALL[arch][0]
+    return stages, count_params(build_model(arch, 10), trainable_only=False)  # with a head for 10 classes

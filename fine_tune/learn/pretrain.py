@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from fine_tune.archs import is_text
 from fine_tune.config import Config
 from fine_tune.learn import checkpoints
 from fine_tune.learn.data import splits_for
@@ -33,7 +35,8 @@ def source_config(cfg: Config) -> Config:
 
 
 def cache_path(cfg: Config) -> Path:
-    return cfg.run_dir() / "pretrained" / f"{cfg.model}-{cfg.pretrain_key()}.pt"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", cfg.model)  # a hub id (hf:org/name) as one file name
+    return cfg.run_dir() / "pretrained" / f"{name}-{cfg.pretrain_key()}.pt"
 
 
 def backbone_for(cfg: Config, log: Callable[[str], None] = print) -> str | None:
@@ -42,7 +45,7 @@ def backbone_for(cfg: Config, log: Callable[[str], None] = print) -> str | None:
         # fail now, with a clear line, rather than in every trial
         checkpoints.load_backbone(build_model(cfg.model, 2, image_size=cfg.input_size()), cfg.pretrained)
         return cfg.pretrained
-    if cfg.pretrain is None and cfg.weights is None:
+    if cfg.pretrain is None and cfg.weights is None and not is_text(cfg.model):
         return None
     path = cache_path(cfg)
     sidecar = path.with_suffix(".json")
@@ -53,7 +56,9 @@ def backbone_for(cfg: Config, log: Callable[[str], None] = print) -> str | None:
             log(f"pretrained backbone: reusing {path} ({what})")
             return str(path)
         log(f"pretrained backbone: {path} does not match its sidecar; making it again")
-    return str(from_torchvision(cfg, log) if cfg.weights else pretrain(cfg, log))
+    made = from_hub(cfg, log) if is_text(cfg.model) else from_torchvision(cfg, log) if cfg.weights else \
+        pretrain(cfg, log)
+    return str(made)
 
 
 def from_torchvision(cfg: Config, log: Callable[[str], None] = print) -> Path:
@@ -68,14 +73,30 @@ def from_torchvision(cfg: Config, log: Callable[[str], None] = print) -> Path:
 
         state = interpolate_embeddings(cfg.input_size(), int(cfg.model.rsplit("_", 1)[1]), state)
     model = Net(cfg.model, 2, image_size=cfg.input_size(), trunk_state=state)
+    return _saved_backbone(cfg, model, f"torchvision {cfg.model} {cfg.weights}", Path(source), log)
+
+
+def from_hub(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """A Hugging Face encoder's own weights (its folder, the hub cache or a packaged copy) as one of our backbones."""
+    from fine_tune.learn.encoders import WEIGHTS, model_dir
+    from fine_tune.learn.models import Net
+
+    folder = model_dir(cfg.model)
+    model = Net(cfg.model, 2, pooling=cfg.pooling, hub_weights=True)
+    source = next(folder / f for f in WEIGHTS if (folder / f).is_file())
+    return _saved_backbone(cfg, model, f"Hugging Face {cfg.model.removeprefix('hf:')}", source, log)
+
+
+def _saved_backbone(cfg: Config, model, origin: str, source: Path, log: Callable[[str], None]) -> Path:
+    """`model`'s backbone as our checkpoint with a sidecar saying where its weights came from."""
     path = checkpoints.save({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")},
                             cache_path(cfg))
-    meta = {"model": cfg.model, "origin": f"torchvision {cfg.model} {cfg.weights}", "source_file": source,
+    meta = {"model": cfg.model, "origin": origin, "source_file": str(source),
             "source_sha256": checkpoints.file_sha256(source), "image_size": cfg.input_size(),
             "config_hash": cfg.pretrain_key(), "sha256": checkpoints.file_sha256(path),
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     checkpoints.save_json(meta, path.with_suffix(".json"))
-    log(f"pretrained backbone: {meta['origin']} from {source} saved as {path}")
+    log(f"pretrained backbone: {origin} from {source} saved as {path}")
     return path
 
 

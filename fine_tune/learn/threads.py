@@ -8,8 +8,9 @@ waiting for one that is not running. Measured on 2 cores next to two CPU-bound p
   epoch) from a second thread when the machine is idle and lose 3-17x with it when it is busy, so they train on one
   thread. Always one, not only when the machine is busy: the thread count changes the floating-point sums, and a
   count that followed the load would give the same config different numbers from one run to the next (`make
-  sweep`: 12 complete / best 0.8819 on one thread, 11 / 0.8853 on two). One thread gives the same numbers on every
-  machine, which `make rerun` relies on;
+  sweep`: 12 complete / best 0.8819 on one thread, 11 / 0.8853 on two). One thread gives the same numbers from run
+  to run on one machine and library build, which `make rerun` relies on (another CPU's kernels order the sums
+  differently);
 - a torchvision backbone gains ~1.9x from a second thread, so it gets its share of the cores (cores / workers); if
   other processes already keep a core busy when the process starts, its threads sleep while they wait
   (OMP_WAIT_POLICY=PASSIVE: ResNet-18 2.2x faster than spinning next to the load, 1.3x slower on an idle machine,

@@ -1,6 +1,6 @@
 """The fine-tuning loop: build the model, load the pretrained backbone, train with Adam, keep the best epoch.
 
-`train(cfg)` reads top to bottom. It knows nothing of Optuna or MLflow: a sweep passes `on_epoch` (to report
+`train(cfg, splits)` reads top to bottom. It knows nothing of Optuna or MLflow: a sweep passes `on_epoch` (to report
 and prune) and a tracker (to log); the defaults do nothing.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fine_tune.archs import SMALL
 from fine_tune.config import Config
 from fine_tune.learn import checkpoints, threads
-from fine_tune.learn.data import Split, Splits, splits_for
+from fine_tune.learn.data import Split, Splits
 from fine_tune.learn.device import pick_device
 from fine_tune.learn.features import frozen_features
 from fine_tune.learn.metrics import accuracy, confusion, macro_f1, per_class_report
@@ -87,7 +87,8 @@ def scores(prefix: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, flo
 def prepare_model(cfg: Config, num_classes: int, backbone: str | None = None) -> Net:
     """The model a config describes, its backbone loaded from `backbone` when given, its first layers frozen."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes, cfg.head_size, image_size=cfg.input_size())
+    model = build_model(cfg.model, num_classes, cfg.head_size, image_size=cfg.input_size(), pooling=cfg.pooling,
+                        initialised=backbone is None)
     if backbone:
         checkpoints.load_backbone(model, backbone)
     return model.freeze(cfg.frozen_layers)
@@ -109,6 +110,16 @@ def prepared(model: Net, splits: Splits, device: torch.device) -> Splits:
                                        getattr(splits, n).index) for n in ("train", "val", "test")})
 
 
+def trainable_state(model: Net) -> dict:
+    """The model's state dict with every tensor training can change copied, and the frozen stages' shared: they
+    cannot change during the run (a frozen text encoder's 22M weights were copied at every best epoch)."""
+    frozen = tuple(f"backbone.{i}." for i in range(model.frozen))
+    state = model.state_dict()
+    copy = type(state)((k, v if k.startswith(frozen) else v.detach().clone()) for k, v in state.items())
+    copy._metadata = getattr(state, "_metadata", None)
+    return copy
+
+
 def cloned(state):
     """A copy of a (nested) state dict that later training steps cannot change: its tensors cloned, its dicts and
     lists new. The same as copy.deepcopy for state dicts at a fifth of the cost (0.14 vs 0.69 ms per epoch for a
@@ -125,122 +136,164 @@ def cloned(state):
     return state
 
 
-def train(cfg: Config, splits: Splits | None = None, backbone: str | None = None,
-          tracker: Tracker | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-          state_path: str | Path | None = None, state_every_s: float = 5.0) -> Result:
-    """Fine-tune per `cfg`; return the best epoch's val metrics and its test metrics.
+@dataclass
+class Progress:
+    """Where a run stands after its last finished epoch: what early stopping, the test and a resumed run read."""
 
-    `on_epoch(epoch, metrics)` runs after each epoch's validation; it may raise (Optuna's TrialPruned) to stop.
-    With `state_path`, the full training state after the last finished epoch is saved there atomically every
-    `state_every_s` seconds (0: every epoch) and when the run is interrupted (KeyboardInterrupt), and a run that finds one
-    there continues after that epoch instead of starting over.
-    """
-    tracker = tracker or NullTracker()
-    n_threads = threads.apply(cfg)
-    splits = splits or splits_for(cfg)
-    device = pick_device(cfg.device)
-    model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
-    if device.type == "cuda" and cfg.model not in SMALL:
-        model = model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
-    tracker.log_params({"trainable_params": count_params(model)})
-    start = 0  # where the forward pass begins: after the frozen layers when their outputs are cached
-    if cfg.cache_features and cfg.frozen_layers > 0:
-        splits = frozen_features(model, cfg.frozen_layers, splits, device, cfg.run_dir() / "feature_cache")
-        start = cfg.frozen_layers
-    else:
-        splits = prepared(model, splits, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
-                else contextlib.nullcontext())
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused Adam updates all parameters in one kernel: a quarter of the step time on small models (make bench)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=device.type in ("cpu", "cuda"))
-    # A dedicated generator makes the batch order depend on the seed alone, not on what ran before.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
-    n = len(train_y)
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict of metrics per epoch run
+    best_f1: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None  # the best epoch's weights
+    stale: int = 0  # epochs since the best
 
-    best_f1, best_epoch, best_state, stale = -math.inf, 0, None, 0
-    history: list[dict[str, float]] = []
-    if state_path is not None and Path(state_path).is_file():
-        st = checkpoints.load_any(state_path)
+    def update(self, metrics: dict[str, float], model: Net) -> None:
+        self.history.append(metrics)
+        if metrics["val/f1_macro"] > self.best_f1:
+            self.best_f1, self.best_epoch, self.stale = metrics["val/f1_macro"], len(self.history), 0
+            self.best_state = trainable_state(model)
+        else:
+            self.stale += 1
+
+
+def reached(history: list[dict[str, float]]) -> dict[str, float]:
+    """What a run reached in the epochs of `history`, a finished run's and a pruned one's alike: the best epoch's val
+    metrics (the highest val/f1_macro, the earliest on a tie, as `Progress` keeps it), its number and the epochs run."""
+    best = max(range(len(history)), key=lambda i: (history[i]["val/f1_macro"], -i))
+    return {**{k: history[best][k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}, "best_epoch": best + 1,
+            "epochs_run": len(history)}
+
+
+class Resumable:
+    """A run's full state after its last finished epoch (weights, Adam, the batch-order generator, progress) at
+    `path`: copied in memory after every epoch, written every `every_s` seconds (one write per epoch took a fifth of a
+    sweep of short trials) and when the run is interrupted; a run that finds one continues after that epoch."""
+
+    def __init__(self, path: str | Path | None, every_s: float):
+        self.path, self.every_s = path, every_s
+        self.latest: dict | None = None
+        self.saved_at = time.monotonic()
+
+    def restore(self, model: Net, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> Progress:
+        if self.path is None or not Path(self.path).is_file():
+            return Progress()
+        st = checkpoints.load_any(self.path)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
-        history, best_state = st["history"], st["best_state"]
-        best_f1, best_epoch, stale = st["best_f1"], st["best_epoch"], st["stale"]
-    snapshot, saved_at = None, time.monotonic()
-    try:
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            if cfg.patience is not None and stale >= cfg.patience:
-                break  # early stop; checked first, so a run resumed after its last epoch does not train on
-            # --- one pass over the labeled budget, in-memory batches
-            start_time = time.perf_counter()
-            model.train()
-            order = torch.randperm(n, generator=gen).to(device)
-            loss_sum = 0.0
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                if len(idx) == 1 < n:
-                    continue  # BatchNorm cannot train on a batch of one image; it is in the next epoch's batches
-                with autocast:
-                    loss = F.cross_entropy(model(train_x[idx], start).float(), train_y[idx],
-                                           label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(idx)
-            train_loss = loss_sum / n
-            train_pass = time.perf_counter() - start_time
-            if not math.isfinite(train_loss):
-                msg = f"loss became {train_loss} in epoch {epoch} (lr={cfg.lr:g}); lower the learning rate"
-                return Result("diverged", {}, history, class_names=splits.class_names, best_epoch=best_epoch,
-                              message=msg)
+        return Progress(**{f.name: st[f.name] for f in fields(Progress)})
 
-            # --- validation: the only thing that drives decisions
+    def keep(self, model: Net, optimizer: torch.optim.Optimizer, gen: torch.Generator, progress: Progress) -> None:
+        if self.path is None:
+            return
+        self.latest = {"model": trainable_state(model), "optimizer": cloned(optimizer.state_dict()),
+                       "generator": gen.get_state(), **{f.name: getattr(progress, f.name) for f in fields(Progress)},
+                       "history": list(progress.history)}
+        if time.monotonic() - self.saved_at >= self.every_s:
+            checkpoints.save(self.latest, self.path)
+            self.saved_at = time.monotonic()
+
+    def save_now(self) -> None:
+        """On Ctrl-C / SIGTERM; the interrupt must go on even if this fails (a retry then replays older state)."""
+        if self.latest is not None:
+            with contextlib.suppress(Exception):
+                checkpoints.save(self.latest, self.path)
+
+
+def setup(cfg: Config, splits: Splits, backbone: str | None, device: torch.device) -> tuple[Net, Splits, int]:
+    """The model on `device` and the splits it trains on: the frozen layers' outputs when they are cached (computed
+    once: they cannot change during the run), else the images scaled once. Returns the model, the splits and the
+    stage the forward pass starts at."""
+    model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
+    if device.type == "cuda" and cfg.model not in SMALL:
+        model = model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
+    if cfg.cache_features and cfg.frozen_layers > 0:
+        weights = checkpoints.file_sha256(backbone) if backbone else None  # the frozen layers' weights, named
+        return model, frozen_features(model, cfg.frozen_layers, splits, device, cfg.run_dir() / "feature_cache",
+                                      weights), cfg.frozen_layers
+    return model, prepared(model, splits, device), 0
+
+
+def train_epoch(cfg: Config, model: Net, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                start: int, gen: torch.Generator) -> float:
+    """One pass over the labeled budget in shuffled in-memory batches; the mean training loss."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and x.device.type == "cuda"
+                else contextlib.nullcontext())
+    model.train()
+    n = len(y)
+    order = torch.randperm(n, generator=gen).to(x.device)
+    loss_sum = 0.0
+    for i in range(0, n, cfg.batch_size):
+        idx = order[i:i + cfg.batch_size]
+        if len(idx) == 1 < n:
+            continue  # BatchNorm cannot train on a batch of one image; it is in the next epoch's batches
+        with autocast:
+            loss = F.cross_entropy(model(x[idx], start).float(), y[idx], label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(idx)
+    return loss_sum / n
+
+
+def train(cfg: Config, splits: Splits, backbone: str | None = None, tracker: Tracker | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None, state_path: str | Path | None = None,
+          state_every_s: float = 5.0) -> Result:
+    """Fine-tune per `cfg` on `splits`; return the best epoch's val metrics and its test metrics.
+
+    `on_epoch(epoch, metrics)` runs after each epoch's validation; it may raise (Optuna's TrialPruned) to stop.
+    With `state_path` the run is resumable (see `Resumable`).
+    """
+    tracker = tracker or NullTracker()
+    n_threads = threads.apply(cfg)
+    device = pick_device(cfg.device)
+    model, splits, start = setup(cfg, splits, backbone, device)
+    tracker.log_params({"trainable_params": count_params(model)})
+    # fused Adam updates all parameters in one kernel: a quarter of the step time on small models (make bench)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    # A dedicated generator makes the batch order depend on the seed alone, not on what ran before.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
+    state = Resumable(state_path, state_every_s)
+    progress = state.restore(model, optimizer, gen)
+    try:
+        for epoch in range(len(progress.history) + 1, cfg.epochs + 1):
+            if cfg.patience is not None and progress.stale >= cfg.patience:
+                break  # early stop; checked first, so a run resumed after its last epoch does not train on
+            # --- train, then validate: validation is the only thing that drives decisions
+            started = time.perf_counter()
+            train_loss = train_epoch(cfg, model, optimizer, train_x, train_y, start, gen)
+            train_pass = time.perf_counter() - started
+            if not math.isfinite(train_loss):
+                return Result("diverged", {}, progress.history, class_names=splits.class_names,
+                              best_epoch=progress.best_epoch, message=f"loss became {train_loss} in epoch {epoch} "
+                                                                      f"(lr={cfg.lr:g}); lower the learning rate")
             val_loss, val_pred = evaluate(model, splits.val, device, start)
-            metrics = {"train/loss": train_loss, "val/loss": val_loss,
-                       **scores("val", splits.val.y.numpy(), val_pred),
-                       "time/epoch_s": time.perf_counter() - start_time, "time/train_pass_s": train_pass}
-            history.append(metrics)
+            metrics = {"train/loss": train_loss, "val/loss": val_loss, **scores("val", splits.val.y.numpy(), val_pred),
+                       "time/epoch_s": time.perf_counter() - started, "time/train_pass_s": train_pass}
             tracker.log_metrics(metrics, step=epoch)
-            if metrics["val/f1_macro"] > best_f1:
-                best_f1, best_epoch, stale = metrics["val/f1_macro"], epoch, 0
-                best_state = cloned(model.state_dict())
-            else:
-                stale += 1
-            # --- resumable state: copied in memory after every epoch, written every state_every_s seconds (one write
-            # per epoch took a fifth of a sweep of short trials) and on Ctrl-C / SIGTERM (below)
-            if state_path is not None:
-                snapshot = {"model": cloned(model.state_dict()),
-                            "optimizer": cloned(optimizer.state_dict()), "generator": gen.get_state(),
-                            "history": list(history), "best_state": best_state, "best_f1": best_f1,
-                            "best_epoch": best_epoch, "stale": stale}
-                if time.monotonic() - saved_at >= state_every_s:
-                    checkpoints.save(snapshot, state_path)
-                    saved_at = time.monotonic()
+            progress.update(metrics, model)
+            state.keep(model, optimizer, gen, progress)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-
         # --- the test set, once, with the best epoch's weights
-        model.load_state_dict(best_state)
+        model.load_state_dict(progress.best_state)
         _, test_pred = evaluate(model, splits.test, device, start)
     except KeyboardInterrupt:
-        if snapshot is not None:
-            try:
-                checkpoints.save(snapshot, state_path)
-            except Exception:  # noqa: BLE001 - the interrupt must go on (the retry then replays from older state)
-                pass
+        state.save_now()
         raise
+    return finished(model, splits, progress, test_pred, n_threads)
+
+
+def finished(model: Net, splits: Splits, progress: Progress, test_pred: np.ndarray, n_threads: int) -> Result:
+    """A finished run's result: the best epoch's val metrics, the test metrics, per-class scores and the model."""
     y_test = splits.test.y.numpy()
     report = per_class_report(y_test, test_pred, splits.class_names)
-    best = history[best_epoch - 1]
-    metrics = {k: best[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
-    metrics |= scores("test", y_test, test_pred)
-    metrics |= {"best_epoch": best_epoch, "epochs_run": len(history), "trainable_params": count_params(model),
-                "time/train_s": sum(h["time/epoch_s"] for h in history), "threads": n_threads}
-    return Result("finished", metrics, history,
+    metrics = reached(progress.history) | scores("test", y_test, test_pred)
+    metrics |= {"trainable_params": count_params(model), "threads": n_threads,
+                "time/train_s": sum(h["time/epoch_s"] for h in progress.history)}
+    return Result("finished", metrics, progress.history,
                   per_class_f1={name: report[name]["f1-score"] for name in splits.class_names}, report=report,
                   confusion=confusion(y_test, test_pred, len(splits.class_names)).tolist(),
-                  class_names=splits.class_names, test_true=y_test.tolist(), test_pred=test_pred.tolist(), best_epoch=best_epoch,
-                  model=model.cpu())
+                  class_names=splits.class_names, test_true=y_test.tolist(), test_pred=test_pred.tolist(),
+                  best_epoch=progress.best_epoch, model=model.cpu())

@@ -40,9 +40,9 @@ def register_champion(study: optuna.Study, inputs: Inputs, tracker: StudyTracker
     run = RunTracker(tracker.client, run_id)
     run.set_tags({CHAMPION: f"version {version}"})
     with tempfile.TemporaryDirectory() as tmp:
-        matrix = json.loads(Path(run._artifacts().download_artifacts("evaluation/confusion_matrix.json", tmp))
-                            .read_text())
-        run.log_file(figures.confusion_png(matrix["matrix"], matrix["class_names"], Path(tmp) / "confusion_matrix.png"),
+        matrix = json.loads(run.download("evaluation/confusion_matrix.json", tmp).read_text())
+        run.log_file(figures.confusion_png(matrix["matrix"], matrix["class_names"], "test confusion matrix (best epoch)",
+                                        Path(tmp) / "confusion_matrix.png"),
                      "evaluation")
     log(f"champion: trial {best.number} ({inputs.cfg.sweep.objective} {best.value:.4f}) registered as "
         f"{inputs.cfg.study} version {version}, alias @champion")

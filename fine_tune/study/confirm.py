@@ -18,10 +18,9 @@ from fine_tune.config import Config
 from fine_tune.errors import ConfigError
 from fine_tune.learn.pretrain import backbone_for
 from fine_tune.learn.train import Result, train
-from fine_tune.names import CONFIRM, RERUN, RERUN_OF, ROLE, SEED, VARY, WORKER, role_filter
+from fine_tune.names import CONFIRM, RERUN, RERUN_OF, ROLE, SEED, VARY, WORKER, role_filter, worker_id
 from fine_tune.study.inputs import Inputs, backbone_of, resolve_inputs, run_params, run_record
 from fine_tune.study.preflight import preflight
-from fine_tune.study.workers import worker_id
 from fine_tune.track.stores import existing_study, optuna_url
 from fine_tune.track.tracking import close_run, train_in_run
 from fine_tune.track.tree import StudyTracker, parent_run

@@ -18,7 +18,7 @@ from fine_tune.errors import ConfigError
 from fine_tune.learn.data import splits_for
 from fine_tune.learn.pretrain import backbone_for
 from fine_tune.learn.train import Result, train
-from fine_tune.names import ARM, BUDGET, CURVE, ROLE, SEED, curve_experiment, role_filter
+from fine_tune.names import ARM, BUDGET, CURVE, ROLE, SEED, TUNED_BY, curve_experiment, role_filter
 from fine_tune.study.inputs import backbone_of, run_params, run_record
 from fine_tune.study.preflight import preflight
 from fine_tune.track.stores import existing_study, optuna_url
@@ -28,11 +28,26 @@ from fine_tune.track.tree import StudyTracker, parent_run
 ARMS = ("fine-tuned", "from scratch", "linear probe")
 
 
-def study_best(cfg: Config) -> dict:
-    """The best complete trial's hyperparameters of the study `cfg.study`, or {} when there is none yet."""
+def study_best(cfg: Config):
+    """The best complete trial of the study `cfg.study`, or None when there is none yet."""
     study = existing_study(cfg.study, optuna_url(cfg.runs_dir, cfg.sweep.storage))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []
-    return max(complete, key=lambda t: (t.value, -t.number)).params if complete else {}
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def tuning(cfg: Config) -> tuple[dict, str]:
+    """The fine-tuned arm's hyperparameters (the study's best trial's, else the experiment's own; the architecture
+    stays the experiment's), and a line saying which and where they came from: the runs' TUNED_BY tag, which the
+    curve's report quotes."""
+    best = study_best(cfg)
+    params = {k: v for k, v in (best.params if best else {}).items() if k not in ("model", "image_size")}
+    searched = cfg.search.dimensions() if cfg.search else ("lr", "frozen_layers", "head_size")
+    shown = list(params) or [k for k in searched if k not in ("model", "image_size")]
+    values = {k: params.get(k, getattr(cfg, k)) for k in shown}
+    said = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    source = (f"the best trial ({best.number}) of study {cfg.study}" if best else
+              f"the experiment's own: study {cfg.study} had no complete trial")
+    return params, f"{said} ({source})"
 
 
 def draw_seed(cfg: Config, seed: int) -> int:
@@ -58,7 +73,7 @@ def arm_config(cfg: Config, arm: str, budget: int, seed: int, best: dict, n_trai
 
 def check_curve(cfg: Config) -> None:
     """What a curve needs of the experiment, refused in one line before anything runs."""
-    if cfg.pretrain is None and cfg.weights is None and cfg.pretrained is None:
+    if cfg.pretrain is None and cfg.weights is None and cfg.pretrained is None and not archs.is_text(cfg.model):
         raise ConfigError("the curve compares a pretrained backbone with training from scratch; set pretrain:, "
                           "weights: or pretrained:")
     if draw_seed(cfg, -1) != -1 and max(cfg.curve.budgets) > cfg.pretrain.holdout_per_class:
@@ -71,9 +86,8 @@ def run_curve(cfg: Config, log: Callable[[str], None] = print) -> int:
     """Train every (budget, arm, seed) run not yet finished; return how many were added."""
     check_curve(cfg)
     uri = preflight(cfg)
-    best = {k: v for k, v in study_best(cfg).items() if k not in ("model", "image_size")}
-    log(f"curve of {cfg.study}: fine-tuned arm with " + (f"the study's best {best}" if best else
-                                                          "the experiment's own hyperparameters (no study yet)"))
+    best, tuned_by = tuning(cfg)
+    log(f"curve of {cfg.study}: fine-tuned arm with {tuned_by}")
     backbone = backbone_of(backbone_for(cfg, log))
     added = 0
     with parent_run(curve_experiment(cfg.study), uri, verb="curve") as tracker:
@@ -88,7 +102,7 @@ def run_curve(cfg: Config, log: Callable[[str], None] = print) -> int:
                 splits = splits_for(cfg.model_copy(update={"budget_per_class": budget,
                                                            "data_seed": draw_seed(cfg, seed)}))
                 for arm in todo:
-                    result = curve_run(tracker, cfg, arm, budget, seed, best, splits, backbone)
+                    result = curve_run(tracker, cfg, arm, budget, seed, best, splits, backbone, tuned_by)
                     if result.status != "finished":
                         continue
                     added += 1
@@ -99,11 +113,12 @@ def run_curve(cfg: Config, log: Callable[[str], None] = print) -> int:
 
 
 def curve_run(tracker: StudyTracker, cfg: Config, arm: str, budget: int, seed: int, best: dict, splits,
-              backbone: tuple) -> Result:
+              backbone: tuple, tuned_by: str = "") -> Result:
     """One (arm, budget, seed) point of the curve as a child run of the curve's parent."""
     run_cfg = arm_config(cfg, arm, budget, seed, best, len(splits.train))
     start = (None, None) if arm == "from scratch" else backbone
-    tags = {ROLE: CURVE, ARM: arm, BUDGET: str(budget), SEED: str(seed)}
+    tags = {ROLE: CURVE, ARM: arm, BUDGET: str(budget), SEED: str(seed),
+            **({TUNED_BY: tuned_by[:5000]} if arm == "fine-tuned" and tuned_by else {})}
     params, record = run_params(run_cfg, splits, start), run_record(run_cfg, splits)
     result, _ = train_in_run(lambda: tracker.start_run(f"b{budget}/{arm}/s{seed}", tags, params, record),
                              lambda run: train(run_cfg, splits, start[0], tracker=run))

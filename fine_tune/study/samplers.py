@@ -11,12 +11,52 @@ import optuna
 from optuna.trial import TrialState
 
 from fine_tune.config import Config, SearchSpace
+from fine_tune.errors import ConfigError
 from fine_tune.track.stores import trial_counts
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     """Sample every hyperparameter named in `search:`; the rest stay at the config's values."""
     return {name: dim.suggest(trial, name) for name, dim in space.dimensions().items()}
+
+
+class _Distributions:
+    """A stand-in trial whose suggest_* calls return the distribution Optuna records for them, sampling nothing."""
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False):
+        return optuna.distributions.FloatDistribution(low, high, log=log)
+
+    def suggest_int(self, name: str, low: int, high: int):
+        return optuna.distributions.IntDistribution(low, high)
+
+    def suggest_categorical(self, name: str, choices: list):
+        return optuna.distributions.CategoricalDistribution(choices)
+
+
+def _shown(d: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return f"the choices {list(d.choices)}"
+    kind = "an integer" if isinstance(d, optuna.distributions.IntDistribution) else "a log-scale" if d.log else "a"
+    return f"{kind} range [{d.low:g}, {d.high:g}]"
+
+
+def check_space(study: optuna.Study, cfg: Config) -> None:
+    """Optuna cannot change a hyperparameter's list of choices, its kind or its log scale within a study (each new
+    trial would fail on it): such a change is refused before anything runs, naming the two ways out. A range may
+    widen or narrow."""
+    recorded = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            recorded.setdefault(name, dist)
+    for name, dim in cfg.search.dimensions().items():
+        old, new = recorded.get(name), dim.suggest(_Distributions(), name)
+        try:
+            if old is not None:
+                optuna.distributions.check_distribution_compatibility(old, new)
+        except ValueError:
+            raise ConfigError(f"search.{name}: study {cfg.study} has trials with {_shown(old)}, and Optuna cannot "
+                              f"change that to {_shown(new)} within a study; keep {_shown(old)}, or give the new "
+                              f"search a new study name (`study:`)") from None
 
 
 def grid(space: SearchSpace) -> dict[str, list]:

@@ -22,8 +22,9 @@ def definition(cfg: Config, n_trials: int | None) -> dict[str, Any]:
             **{f"search.{name}": json.dumps(dim.model_dump()) for name, dim in cfg.search.dimensions().items()}}
 
 
-def description(study: optuna.Study, cfg: Config, top: int = 5) -> str:
-    """The parent run's description: the counts, the best trials as a Markdown table, the champion, the report."""
+def description(study: optuna.Study, cfg: Config, view: str | None = None, top: int = 5) -> str:
+    """The parent run's description: the counts, a link to `view` (every trial, `track.views`), the best trials as a
+    Markdown table, the champion, the report."""
     s = summary(study)
     trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
     names = list(dict.fromkeys(k for t in trials for k in t.params))
@@ -37,7 +38,8 @@ def description(study: optuna.Study, cfg: Config, top: int = 5) -> str:
     champion = study.user_attrs.get("champion_trial")
     return "\n".join([
         f"**{cfg.study}**: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed "
-        f"trials; objective: maximize `{cfg.sweep.objective}` (validation; the test set never drives a decision).", "",
+        f"trials; objective: maximize `{cfg.sweep.objective}` (validation; the test set never drives a decision)."
+        + (f" [Every trial, best first]({view}) (pruned ones by the best epoch they reached)." if view else ""), "",
         *rows, "",
         (f"**Champion**: trial {champion}, `models:/{cfg.study}@champion`." if champion is not None else
          "No champion yet."),

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from fine_tune.config import Config
-from fine_tune.errors import ConfigError, TrackingError
+from fine_tune.errors import ConfigError, StorageError, TrackingError, causes
 from fine_tune.learn import threads
 from fine_tune.learn.train import Result, train
 from fine_tune.learn.train import warm_up as train_warm_up
@@ -23,12 +23,14 @@ from fine_tune.names import SUMMARY
 from fine_tune.study.champion import register_champion
 from fine_tune.study.inputs import Inputs, resolve_inputs
 from fine_tune.study.preflight import preflight
-from fine_tune.study.samplers import make_pruner, make_sampler, suggest
+from fine_tune.study.samplers import check_space, make_pruner, make_sampler, suggest
 from fine_tune.study.summary import definition, description, summary
 from fine_tune.study.workers import Attempt, ClaimLock, CloseStaleTrial, finished, run_processes, work
 from fine_tune.track.interrupts import interruptible
+from fine_tune.track.outages import patient
 from fine_tune.track.stores import (
     check_sqlite,
+    masked,
     optuna_storage,
     optuna_url,
     quiet_experimental,
@@ -38,6 +40,7 @@ from fine_tune.track.stores import (
 )
 from fine_tune.track.tracking import train_in_run
 from fine_tune.track.tree import StudyTracker, parent_run
+from fine_tune.track.views import save_trials_view, view_link
 
 
 class TrialDiverged(RuntimeError):
@@ -51,13 +54,22 @@ class TrackingLost(RuntimeError):
     REASON = "the MLflow tracking server could not be reached; re-queued, resumes from its last epoch when it is back"
 
 
-def open_study(cfg: Config, seed_offset: int = 0) -> optuna.Study:
+def max_wait_s(cfg: Config) -> float:
+    """How long a worker waits, at most, on other workers' trials (a trial of this study, or a dead worker's grace
+    period) and on a store that went away (the Optuna database, the tracking server)."""
+    return 3 * (cfg.sweep.grace_period + cfg.sweep.heartbeat_interval) + cfg.sweep.max_wait
+
+
+def open_study(cfg: Config, seed_offset: int = 0, log: Callable[[str], None] = tqdm.write) -> optuna.Study:
     """Create or load the study; a resumed or parallel sampler is reseeded so it does not replay samples. Its
-    storage heartbeats, and a trial whose worker died has its MLflow run closed and is re-queued."""
+    storage heartbeats, and a trial whose worker died has its MLflow run closed and is re-queued; an outage of its
+    database is waited through (saying so in `log`). A search space the study cannot take is refused here."""
     storage = optuna_storage(optuna_url(cfg.runs_dir, cfg.sweep.storage), heartbeat=cfg.sweep.heartbeat_interval,
-                             grace=cfg.sweep.grace_period, on_stale=CloseStaleTrial(tracking_uri(cfg.runs_dir)))
+                             grace=cfg.sweep.grace_period, on_stale=CloseStaleTrial(tracking_uri(cfg.runs_dir)),
+                             patience_s=max_wait_s(cfg), log=log)
     study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg),
                                 pruner=make_pruner(cfg), direction="maximize", load_if_exists=True)
+    check_space(study, cfg)
     if len(study.trials) or seed_offset:
         study.sampler = make_sampler(cfg, len(study.trials) + seed_offset)
     study.set_user_attr("objective", cfg.sweep.objective)  # reports read it from the store
@@ -72,6 +84,8 @@ def trial_outcome(exc: BaseException) -> tuple[str, str, str]:
         return "KILLED", "PRUNED", str(exc)
     if isinstance(exc, TrialDiverged):
         return "FAILED", "FAIL", str(exc)
+    if isinstance(exc, StorageError):  # the database stayed away: the next sweep re-queues the trial
+        return "KILLED", "FAIL", str(exc)
     if isinstance(exc, KeyboardInterrupt):
         return "KILLED", "FAIL", f"interrupted ({type(exc).__name__}); re-queued, resumes from its last epoch"
     return "FAILED", "FAIL", repr(exc)
@@ -89,13 +103,13 @@ class Objective:
         self.on_start()  # the trial exists in the storage now: other workers may claim theirs
         cfg, objective = self.inputs.cfg, self.inputs.cfg.sweep.objective
         trial_cfg = Config.model_validate({**cfg.model_dump(), **suggest(trial, cfg.search)})
-        attempt = Attempt(trial, self.state_dir)
+        attempt = Attempt(trial, self.state_dir, objective)
         try:
             result, _ = train_in_run(
                 lambda: attempt.open_run(self.tracker, self.inputs.run_params(trial_cfg), self.inputs.record(trial_cfg)),
                 lambda run: train(trial_cfg, *self.inputs.for_run(trial_cfg), tracker=run,
-                                  on_epoch=lambda epoch, m: attempt.report(epoch, m[objective]),
-                                  state_path=attempt.state, state_every_s=cfg.sweep.state_every_s),
+                                  on_epoch=attempt.report, state_path=attempt.state,
+                                  state_every_s=cfg.sweep.state_every_s),
                 trial_outcome)
             value = self.record(trial, result)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the epoch checkpoint, queue the trial again
@@ -137,9 +151,7 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
     # Optuna would log a traceback per failed trial; we say it in one line below and keep the reason in MLflow.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     train_warm_up()
-    # How long to wait on other workers' trials (a trial of this study, or a dead worker's grace period) and on a
-    # tracking server that went away, at most.
-    patience_s = 3 * (cfg.sweep.grace_period + cfg.sweep.heartbeat_interval) + 600
+    patience_s = max_wait_s(cfg)
     bar = tqdm(total=target, initial=finished(study), desc=cfg.study, unit="trial", disable=not progress,
                dynamic_ncols=True)
 
@@ -160,7 +172,7 @@ def sweep_worker(inputs: Inputs, target: int, max_trials: int, log: Callable[[st
         bar.set_postfix(best=f"{s.get('best_value', float('nan')):.4f}", done=s["trials_complete"],
                         pruned=s["trials_pruned"], failed=s["trials_failed"])
 
-    lock = ClaimLock(optuna_url(cfg.runs_dir, cfg.sweep.storage), cfg.study, cfg.runs_dir)
+    lock = ClaimLock(optuna_url(cfg.runs_dir, cfg.sweep.storage), cfg.study, cfg.runs_dir, patient(study))
     try:
         work(study, Objective(inputs, tracker, on_start=lock.release), lock, target, max_trials, cfg.sweep.timeout,
              patience_s, callbacks=[after_trial], catch=(TrialDiverged, TrackingLost), log=log)
@@ -178,10 +190,16 @@ def _worker_process(inputs: Inputs, target: int, max_trials: int, workers: int, 
     cfg = inputs.cfg
     try:
         with interruptible((signal.SIGTERM,)):
-            sweep_worker(inputs, target, max_trials, lambda s: None, False, open_study(cfg, seed_offset=1000 * worker),
+            # the launcher's own storage says when the database is away and back: once, not once per worker
+            study = open_study(cfg, seed_offset=1000 * worker, log=lambda s: None)
+            sweep_worker(inputs, target, max_trials, lambda s: None, False, study,
                          StudyTracker(cfg.study, tracking_uri(cfg.runs_dir)))
     except KeyboardInterrupt:
         sys.exit(143)
+    except Exception as e:
+        if not any(isinstance(c, StorageError) for c in causes(e)):
+            raise
+        sys.exit(2)  # the database stayed away: the launcher, which waits on it too, says so in one line
 
 
 def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: Callable[[str], None] = print,
@@ -205,16 +223,18 @@ def run_sweep(cfg: Config, n_trials: int | None = None, workers: int = 1, log: C
     max_trials = 2 * n + 10  # bounds a study whose trials keep failing
     with parent_run(cfg.study, uri) as tracker:  # the parent run exists before any worker starts
         tracker.define(definition(cfg, n_trials))
+        save_trials_view(tracker.client, tracker.experiment_id, list(cfg.search.dimensions()), cfg.sweep.objective)
         tracker.parent.log_datasets(inputs.all_datasets())  # before any worker: see RunTracker.log_datasets
-        log(f"study {cfg.study}: {len(study.trials)} trials so far in {optuna_url(cfg.runs_dir, cfg.sweep.storage)}; "
-            f"running until {n} more finish{f' (timeout {cfg.sweep.timeout:g}s)' if cfg.sweep.timeout else ''} with "
-            f"{workers} worker(s) | MLflow {uri}")
+        log(masked(f"study {cfg.study}: {len(study.trials)} trials so far in "
+                   f"{optuna_url(cfg.runs_dir, cfg.sweep.storage)}; running until {n} more finish"
+                   f"{f' (timeout {cfg.sweep.timeout:g}s)' if cfg.sweep.timeout else ''} with {workers} worker(s) | "
+                   f"MLflow {uri}"))
         if workers <= 1:
             sweep_worker(inputs, target, max_trials, log, progress, study, tracker)
         else:
             run_workers(inputs, target, max_trials, workers, study, progress)
         register_champion(study, inputs, tracker, log)
-        tracker.describe_result(description(study, cfg))
+        tracker.describe_result(description(study, cfg, view_link(tracker.experiment_id)))
     return study
 
 

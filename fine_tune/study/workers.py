@@ -9,7 +9,6 @@ import hashlib
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,18 +17,15 @@ import optuna
 from optuna.trial import TrialState
 
 from fine_tune.errors import WorkerDied
-from fine_tune.names import TRIAL, TRIAL_NUMBER, role_filter
+from fine_tune.learn.train import reached
+from fine_tune.names import TRIAL, TRIAL_NUMBER, role_filter, worker_id
+from fine_tune.track.outages import storage_lost
 from fine_tune.track.stores import mlflow_client, quiet_experimental, trial_counts
 from fine_tune.track.tracking import RunTracker, close_run
 from fine_tune.track.tree import StudyTracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-
-
-def worker_id() -> str:
-    """host:pid of this process, as trials and re-runs record who runs them."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def finished(study: optuna.Study) -> int:
@@ -88,12 +84,14 @@ class Attempt:
     continues the original trial's MLflow run and its saved training state, and does not report again the epochs
     Optuna already holds."""
 
-    def __init__(self, trial: optuna.Trial, state_dir: Path):
+    def __init__(self, trial: optuna.Trial, state_dir: Path, objective: str):
         frozen = _frozen(trial)
-        self.trial = trial
+        self.trial, self.objective = trial, objective
         self.original = frozen.system_attrs.get("failed_trial")  # set on a retry: the number of the trial continued
         self.state = state_dir / f"t{trial.number if self.original is None else self.original:03d}.pt"
         self.inherited = set(frozen.intermediate_values)
+        self.history: list[dict[str, float]] = []  # the epochs the training holds: its saved state's, then each one run
+        self.run: RunTracker | None = None
         trial.set_user_attr("worker", worker_id())  # who runs it, for debugging
 
     def open_run(self, tracker: StudyTracker, params: dict, record: tuple) -> RunTracker:
@@ -107,14 +105,19 @@ class Attempt:
             run = tracker.start_trial(self.trial.number, params, record)
             self.trial.set_user_attr("mlflow_run_id", run.run_id)
         if self.original is not None:  # its run may hold epochs of the attempt that stopped, or miss some
-            run.backfill(checkpoints.load_any(self.state)["history"] if self.state.is_file() else [])
+            self.history = list(checkpoints.load_any(self.state)["history"]) if self.state.is_file() else []
+            run.backfill(self.history)
+        self.run = run
         return run
 
-    def report(self, epoch: int, value: float) -> None:
-        """Report an epoch to Optuna (once) and stop the trial if the pruner says so."""
+    def report(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Report an epoch's objective to Optuna (once) and stop the trial if the pruner says so. A pruned trial's run
+        first logs what it reached, as a finished one does: its best epoch's scores, not its last epoch's."""
+        self.history.append(metrics)
         if epoch not in self.inherited:
-            self.trial.report(value, epoch)
+            self.trial.report(metrics[self.objective], epoch)
         if self.trial.should_prune():
+            self.run.log_reached(reached(self.history))
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
     def requeue(self) -> None:
@@ -135,17 +138,19 @@ class ClaimLock:
     """A cross-process lock around "count the trials, then ask for one": a PostgreSQL advisory lock on PostgreSQL
     (workers on any machine), a file lock beside the local stores otherwise. The file lock is a blocking
     fcntl.flock, which the kernel hands to the waiting worker the moment it is released: the filelock package polls
-    instead (every 50 ms by default), and in a two-worker benchmark of short trials its waits took 1.47 s of 200
-    claims against 0.01 s (`python -m benchmarks.lockbench`), and `make bench` (f) fell to 1.12x."""
+    instead (every 50 ms by default): two orders of magnitude more waiting over a two-worker sweep of short trials
+    (`python -m benchmarks.lockbench`; the README gives the measured numbers).
 
-    def __init__(self, url: str, study: str, runs_dir: str):
-        self.held, self.conn, self.file = False, None, None
+    `patiently` runs each lock call through an outage of the database (outages.patient): the server drops the lock
+    with the connection, so the call connects again and locks again."""
+
+    def __init__(self, url: str, study: str, runs_dir: str, patiently: Callable = lambda call, *a: call(*a)):
+        self.held, self.engine, self.conn, self.file, self.patiently = False, None, None, None, patiently
         self.key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
         if url.startswith("postgresql"):
             import sqlalchemy
 
             self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-            self.conn = self.engine.connect()
         else:
             path = Path(runs_dir) / f".claim-{study}.lock"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,20 +165,35 @@ class ClaimLock:
             self._set(False)
 
     def _set(self, held: bool) -> None:
-        if self.conn is not None:
-            import sqlalchemy
-
-            fn = "pg_advisory_lock" if held else "pg_advisory_unlock"
-            self.conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self.key})
-            self.conn.commit()
+        if self.engine is not None:
+            self.patiently(self._advisory, held)
         else:
             fcntl.flock(self.file, fcntl.LOCK_EX if held else fcntl.LOCK_UN)
         self.held = held
+
+    def _advisory(self, held: bool) -> None:
+        import sqlalchemy
+
+        if self.conn is None:
+            if not held:  # the connection that held the lock was dropped, and the lock with it
+                return
+            self.conn = self.engine.connect()
+        fn = "pg_advisory_lock" if held else "pg_advisory_unlock"
+        try:
+            self.conn.execute(sqlalchemy.text(f"SELECT {fn}(:k)"), {"k": self.key})
+            self.conn.commit()
+        except Exception as e:
+            self.conn.close()
+            self.conn = None
+            if held or not storage_lost(e):
+                raise
+            # unlocking on a connection the server dropped: the lock went with it
 
     def close(self) -> None:
         self.release()
         if self.conn is not None:
             self.conn.close()
+        if self.engine is not None:
             self.engine.dispose()
         if self.file is not None:
             self.file.close()

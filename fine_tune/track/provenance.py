@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fine_tune.track.stores import masked
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -24,7 +26,7 @@ class CodeState:
     branch: str
     remote: str
     dirty: bool
-    diff: str  # `git diff HEAD` and the untracked files' names when dirty, else ""
+    diff: str  # `git diff HEAD` and the untracked files' names when dirty, else "", URL passwords masked
 
     @property
     def diff_sha(self) -> str:
@@ -51,17 +53,10 @@ def _code_state(root: Path) -> CodeState:
     diff = ""
     if status:
         untracked = [line[3:] for line in status.splitlines() if line.startswith("??")]
-        diff = _git(root, "diff", "HEAD") + "".join(f"\n# untracked: {name}" for name in untracked)
+        # a tracked experiment YAML may hold a storage URL with its password: the diff is logged with every study
+        diff = masked(_git(root, "diff", "HEAD") + "".join(f"\n# untracked: {name}" for name in untracked))
     remote = _git(root, "config", "--get", "remote.origin.url")
-    return CodeState(commit, _git(root, "rev-parse", "--abbrev-ref", "HEAD"), _strip_credentials(remote),
-                     bool(status), diff)
-
-
-def _strip_credentials(url: str) -> str:
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url
+    return CodeState(commit, _git(root, "rev-parse", "--abbrev-ref", "HEAD"), masked(remote), bool(status), diff)
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,16 +105,25 @@ def differences(logged: dict[str, str], root: Path | None = None) -> list[str]:
 
 
 def config_yaml(cfg) -> str:
-    """The fully resolved config, every key with defaults included: what `rerun` rebuilds the run from."""
+    """The fully resolved config, every key with defaults included: what `rerun` rebuilds the run from. The storage
+    URL's password is masked: a run's artifacts are readable by whoever reads the tracking server."""
     import yaml
 
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    values = cfg.model_dump(mode="json")
+    if values["sweep"]["storage"]:
+        values["sweep"]["storage"] = masked(values["sweep"]["storage"])
+    return yaml.safe_dump(values, sort_keys=False)
 
 
 def datasets(cfg, splits) -> list[tuple[str, str, str, str]]:
-    """(name, digest, context, source) of the run's train / validation / test images, for MLflow's Dataset column."""
-    source = str(Path(cfg.data.root).resolve()) if cfg.data.kind == "imagefolder" else "fashion_mnist"
-    name = Path(cfg.data.root).name if cfg.data.kind == "imagefolder" else "fashion_mnist"
+    """(name, digest, context, source) of the run's train / validation / test examples, for MLflow's Dataset
+    column (a text set's digest covers its token ids, so another tokenizer or max_length is another dataset)."""
+    if cfg.data.root:
+        source, name = str(Path(cfg.data.root).resolve()), Path(cfg.data.root).name
+    else:
+        source = name = "fortunes" if cfg.data.kind == "fortunes" else "fashion_mnist"
+    if cfg.data.kind == "fortunes":
+        name = f"fortunes:{'+'.join(map(str, cfg.classes or []))}"[:200]
     shift = "" if cfg.data.shift == "none" else f"+{cfg.data.shift}"
     return [(f"{name}{shift}", splits.digests[split], context, source)
             for split, context in (("train", "train"), ("val", "validation"), ("test", "test"))]
@@ -137,3 +141,26 @@ def log_provenance(run, tags: dict) -> None:
     if files:
         run.log_texts(files)
         run.set_tags({"fine_tune.logged_env": "true", "fine_tune.logged_diff": now["fine_tune.git.diff_sha"]})
+
+
+def logged_run(client, run_id: str):
+    """The run `run_id` as the tracking store holds it, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def download_config(client, run, into: str) -> str | None:
+    """The config.yaml `run` logged (what `rerun` rebuilds it from), downloaded into the folder `into`; None when the
+    run has none (it was logged before fine_tune recorded its config)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        return get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri).download_artifacts(
+            "config.yaml", into)
+    except (MlflowException, OSError):
+        return None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -16,13 +18,30 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fine_tune.errors import StorageError, TrackingError
+from fine_tune.errors import StorageError, TrackingError, causes
 
 # MLflow draws a progress bar on stderr for every artifact it downloads (a champion's checkpoint, a re-run's config),
 # and with a tracking server prints "View run ... / View experiment ..." on stdout at the end of every run, through
 # the sweep's progress bar (`make ui` prints the one URL that matters). A user's own setting still wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+# scheme://user:password@ in a URL or in any text (a diff, an error line). A password may hold unescaped '/', ':' or
+# '@', so it runs to the last '@' before whitespace: masking too much beats showing part of a password.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:/@]*)(?P<password>:\S*)?@")
+
+
+def masked(text: str) -> str:
+    """`text` (a URL, or any text holding URLs) with every URL's password shown as *** (`user:***@host`): what we
+    print, log or write into a report. A user name alone is kept (`postgresql://me@host`, `ssh://git@host`) except
+    over http(s), where it is how a token rides (`https://TOKEN@github.com/...`)."""
+    def mask(m: re.Match) -> str:
+        if m["password"]:
+            return f"{m['scheme']}{m['user']}:***@"
+        web = m["scheme"].lower().endswith(("http://", "https://"))
+        return f"{m['scheme']}***@" if web and m["user"] else m[0]
+    return _USERINFO.sub(mask, text)
 
 
 def optuna_url(runs_dir: str | Path, storage: str | None = None) -> str:
@@ -43,17 +62,48 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+# The health check a proxy answers, then one read through the API: MLflow's own `--app-name basic-auth` asks for
+# credentials there only (it leaves /health open), a reverse proxy with basic auth on every path.
+_PROBES = ("/health", "/api/2.0/mlflow/experiments/search?max_results=1")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast on a tracking server that is down: MLflow's own client would retry for minutes."""
+    """Fail fast, in one line, on a tracking server that is down or turns us away: MLflow's own client would retry for
+    minutes, then end in a traceback. The probe goes through MLflow's HTTP layer, so it carries what every later call
+    carries: MLFLOW_TRACKING_USERNAME / _PASSWORD, MLFLOW_TRACKING_TOKEN, ~/.mlflow/credentials, the TLS settings."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.request
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-    except OSError as e:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
-                            "start it (`make server`) or fix MLFLOW_TRACKING_URI") from None
+    creds = get_default_host_creds(uri)
+    for endpoint in _PROBES:
+        try:
+            answer = http_request(creds, endpoint, "GET", max_retries=0, timeout=timeout, raise_on_status=False)
+        except Exception as e:  # noqa: BLE001 - MLflow wraps the HTTP library's errors: refused, timed out, no host
+            raise _unreachable(uri, _root_cause(e)) from None
+        status = f"HTTP {answer.status_code} {answer.reason}"
+        if answer.status_code in (401, 403):
+            given = "the credentials given" if creds.username or creds.token else "no credentials"
+            raise TrackingError(masked(f"MLflow tracking server {uri} turned us away with {given} ({status}); set "
+                                       "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                       "MLFLOW_TRACKING_TOKEN) to an account it accepts"))
+        if answer.status_code != 200:
+            raise _unreachable(uri, status)
+
+
+def _unreachable(uri: str, why: str) -> TrackingError:
+    return TrackingError(masked(f"MLflow tracking server {uri} is unreachable ({why}); start it (`make server`) or "
+                                "fix MLFLOW_TRACKING_URI"))
+
+
+def _root_cause(e: BaseException) -> str:
+    """What lies under MLflow's wrapping of a failed request, in a few words ("Connection refused", "timed out")."""
+    for _ in range(20):  # a chain is short; the bound is for a cycle
+        if (e.__cause__ or e.__context__) is None:
+            break
+        e = e.__cause__ or e.__context__
+    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def tracking_lost(exc: BaseException | None, uri: str) -> bool:
@@ -62,24 +112,19 @@ def tracking_lost(exc: BaseException | None, uri: str) -> bool:
     connection error. A local store is never "lost": its errors are the run's own."""
     if not uri.startswith(("http://", "https://")):
         return False
-    while exc is not None:
-        text = str(exc)
-        if (isinstance(exc, ConnectionError) or type(exc).__name__ in ("ConnectionError", "MaxRetryError",
-                                                                         "NewConnectionError")
-                or "Max retries exceeded" in text or "Connection refused" in text):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, ConnectionError) or type(e).__name__ in ("ConnectionError", "MaxRetryError",
+                                                                      "NewConnectionError")
+               or "Max retries exceeded" in str(e) or "Connection refused" in str(e) for e in causes(exc))
 
 
 def wait_for_tracking(uri: str, patience_s: float, log: Callable[[str], None], every_s: float = 2.0) -> bool:
     """Wait until the tracking server at `uri` answers again, at most `patience_s`; whether it did."""
-    log(f"MLflow tracking server {uri} is unreachable: waiting for it (at most {patience_s:.0f}s)")
+    log(f"MLflow tracking server {masked(uri)} is unreachable: waiting for it (at most {patience_s:.0f}s)")
     deadline = time.monotonic() + patience_s
     while time.monotonic() < deadline:
         try:
             check_reachable(uri)
-            log(f"MLflow tracking server {uri} is back")
+            log(f"MLflow tracking server {masked(uri)} is back")
             return True
         except TrackingError:
             time.sleep(every_s)
@@ -175,9 +220,11 @@ def quiet_experimental() -> Iterator[None]:
 
 
 def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
-                   on_stale: Callable[[Any, Any], None] | None = None):
+                   on_stale: Callable[[Any, Any], None] | None = None, patience_s: float = 600.0,
+                   log: Callable[[str], None] = print):
     """Optuna's RDB storage with heartbeats, so a trial whose worker died is failed (and `on_stale` called on it)
-    instead of staying RUNNING."""
+    instead of staying RUNNING. A database server's outage is waited through, at most `patience_s`, saying so in
+    `log` (outages.PatientStorage)."""
     import optuna
 
     check_sqlite(url, "Optuna storage", "a sweep")
@@ -187,16 +234,22 @@ def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
             optuna.storages.RDBStorage(temp).engine.dispose()  # journal mode DELETE: all of it in the one file
 
     create_atomically(url, create)
-    # SQLite serialises writers; with several local workers a write may wait, so wait long instead of failing.
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("sqlite"):
+        # SQLite serialises writers; with several local workers a write may wait, so wait long instead of failing.
+        make, kwargs = optuna.storages.RDBStorage, {"connect_args": {"timeout": 60}}
+    else:
+        from fine_tune.track.outages import PatientStorage
+
+        # a connection the server dropped while it sat in the pool is replaced before use (pool_pre_ping)
+        make, kwargs = functools.partial(PatientStorage, patience_s=patience_s, log=log), {"pool_pre_ping": True}
     try:
         with quiet_experimental():
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
-                                                 grace_period=grace, heartbeat_stale_trial_callback=on_stale)
+            storage = make(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace,
+                           heartbeat_stale_trial_callback=on_stale)
     except Exception as e:  # sqlalchemy's OperationalError, ArgumentError, a missing driver...
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise StorageError(f"Optuna storage {url} is unusable ({first}); start the database or fix OPTUNA_STORAGE "
-                           "/ sweep.storage") from None
+        raise StorageError(masked(f"Optuna storage {url} is unusable ({first}); start the database or fix "
+                                  "OPTUNA_STORAGE / sweep.storage")) from None
     tune_sqlite(storage.engine)
     return storage
 
@@ -213,9 +266,15 @@ def existing_study(name: str, url: str):
 
 def mlflow_client(uri: str):
     """An MLflow client on `uri`, its SQLite engine tuned like Optuna's."""
+    import logging
+
     from mlflow.tracking import MlflowClient
 
     check_sqlite(uri, "MLflow store", "a first run")
+    # "Creating initial MLflow database tables..." and "Updating database tables" (INFO, on a new store) would print
+    # before the first epoch line or through the progress bar; a level set higher elsewhere stays.
+    tables = logging.getLogger("mlflow.store.db.utils")
+    tables.setLevel(max(tables.level, logging.WARNING))
 
     def create(temp: str) -> None:
         made = MlflowClient(temp)
@@ -239,8 +298,13 @@ def trial_counts(study) -> collections.Counter:
     import sqlalchemy
     from optuna.storages._rdb.models import TrialModel
 
+    from fine_tune.track.outages import patient
+
     storage = study._storage._backend if hasattr(study._storage, "_backend") else study._storage
     query = (sqlalchemy.select(TrialModel.state, sqlalchemy.func.count())
              .where(TrialModel.study_id == study._study_id).group_by(TrialModel.state))
-    with storage.engine.connect() as conn:
-        return collections.Counter(dict(conn.execute(query).all()))
+
+    def count() -> collections.Counter:
+        with storage.engine.connect() as conn:
+            return collections.Counter(dict(conn.execute(query).all()))
+    return patient(study)(count)  # waits through an outage of the database, as Optuna's own calls do

@@ -6,20 +6,35 @@ run, for every kind of run (trials, `make train`, `make rerun`, confirm, curve).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fine_tune.names import OUTCOME, REASON, TRIAL_STATE
+from fine_tune.names import BEST_EXACT, OUTCOME, REASON, TRIAL_STATE
 from fine_tune.track.interrupts import shielded, store_write
 from fine_tune.track.stores import artifact_location, mlflow_client
 
+MAX_KEY = 250  # MLflow's limit on a metric key
 
-def metric_key(name: str) -> str:
-    """Class names such as 'T-shirt/top' become valid, unambiguous metric-key parts."""
-    return name.replace("/", "_")
+
+def metric_keys(prefix: str, names: list[str]) -> dict[str, str]:
+    """A valid MLflow metric key under `prefix` for each name, no two alike: characters MLflow refuses become '_'
+    ('T-shirt/top', 'T-shirt (top)', '+', an emoji), long names are cut, and a name whose key would meet another's
+    gets a hash of the name appended (a name that is already a valid key keeps it)."""
+    room = MAX_KEY - len(prefix)
+    clean = {n: (re.sub(r"[^\w.\- ]", "_", n) if n not in (".", "..") else "_")[:room] for n in names}
+    keys = dict(clean)
+    for digits in (8, 16, 64):  # longer hashes only if a key still meets another (a name shaped like a hashed key)
+        seen = Counter(keys.values())
+        clashing = [n for n in names if seen[keys[n]] > 1 and keys[n] != n]
+        for n in clashing:
+            keys[n] = f"{clean[n][:room - digits - 1]}-{hashlib.sha256(n.encode()).hexdigest()[:digits]}"
+    return {n: prefix + k for n, k in keys.items()}
 
 
 class RunTracker:
@@ -33,7 +48,23 @@ class RunTracker:
         self.last_flush = time.monotonic()
         self.logged_through: int | None = None  # set on a retry: epochs the run holds, not to be logged again
         self.params: dict[str, Any] = {}  # waiting for the next flush
+        self.tags: dict[str, Any] = {}  # likewise
         self.ended = False
+        self.monitor = None  # its system metrics, sampled while it lives (`watch`)
+
+    def watch(self, resume: bool = False) -> None:
+        """Sample what the run costs the machine (system/... metrics) until it ends; `resume` for a run continued."""
+        from fine_tune.track import system_metrics
+
+        self.monitor = system_metrics.watch(self.client, self.run_id, resume)
+
+    def unwatch(self) -> None:
+        """Stop sampling; the last samples join the buffer, for the run's next (final) write."""
+        from fine_tune.track import system_metrics
+
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            self.buffer += system_metrics.stop(monitor)
 
     @store_write
     def write_params(self, params: dict[str, Any]) -> None:
@@ -68,13 +99,13 @@ class RunTracker:
         metrics per batch)."""
         from mlflow.entities import Param, RunTag
 
-        pending = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        pending = [RunTag(k, str(v)) for k, v in {**self.tags, **(tags or {})}.items()]
         params = [Param(k, str(v)) for k, v in self.params.items()]
         while self.buffer or pending or params:
             self.client.log_batch(self.run_id, metrics=self.buffer[:1000], params=params[:100], tags=pending)
             del self.buffer[:1000], params[:100]
             pending = []
-        self.params = {}
+        self.params, self.tags = {}, {}
         self.last_flush = time.monotonic()
 
     @store_write
@@ -93,17 +124,28 @@ class RunTracker:
         self.flush(tags)
 
     @store_write
+    def log_reached(self, reached: dict[str, float]) -> None:
+        """What the run reached (`learn.train.reached`): the best epoch's `best/val/*`, `best_epoch`, `epochs_run`.
+        A finished run and a pruned one log the same keys, so one column of the runs table compares every trial.
+        The curves' latest points are the last epoch's; these are single values, logged at step 0: the UI draws a
+        metric whose steps are all 0 as a value (a bar), not as a one-dot line among the per-epoch curves."""
+        self._buffer({**{f"best/{k}": reached[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")},
+                      "best_epoch": reached["best_epoch"], "epochs_run": reached["epochs_run"]}, step=0)
+        # The UI shows a metric to 3 decimals (`#/compare-runs` too), too few to tell the top trials apart; a tag's
+        # text is shown whole. They ride the run's next write.
+        self.tags |= {f"{BEST_EXACT}{k}": f"{reached[k]:.6f}" for k in ("val/loss", "val/accuracy", "val/f1_macro")}
+
+    @store_write
     def log_result(self, result) -> None:
-        """The end of a finished run: test metrics, per-class F1, best-epoch checkpoint, confusion matrix."""
+        """The end of a finished run: what it reached, test metrics, per-class F1, best-epoch checkpoint, confusion
+        matrix. `best/...` are the best epoch's, which the checkpoint, the test metrics and Optuna's objective all
+        refer to."""
         import torch
 
-        # The curves' latest points are the last epoch's; `best/...` are the best epoch's, which the checkpoint,
-        # the test metrics and Optuna's objective all refer to. They are single values, logged at step 0: the UI draws
-        # a metric whose steps are all 0 as a value (a bar), not as a one-dot line among the per-epoch curves.
-        final = {k: v for k, v in result.metrics.items()
-                 if k.startswith("test/") or k in ("best_epoch", "epochs_run", "threads")}
-        final |= {f"best/{k}": result.metrics[k] for k in ("val/loss", "val/accuracy", "val/f1_macro")}
-        final |= {f"test/f1/{metric_key(n)}": f for n, f in result.per_class_f1.items()}
+        self.log_reached(result.metrics)
+        final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k == "threads"}
+        keys = metric_keys("test/f1/", list(result.per_class_f1))
+        final |= {keys[n]: f for n, f in result.per_class_f1.items()}
         self._buffer(final, step=0)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "checkpoint").mkdir()
@@ -111,6 +153,8 @@ class RunTracker:
             evaluation.mkdir()
             torch.save(result.model.state_dict(), Path(tmp) / "checkpoint" / "best.pt")
             (evaluation / "per_class_report.json").write_text(json.dumps(result.report, indent=2))
+            (evaluation / "per_class_f1.json").write_text(json.dumps(  # the metric key of each class name
+                [{"class": n, "metric": keys[n], "f1": f} for n, f in result.per_class_f1.items()], indent=2))
             (evaluation / "confusion_matrix.json").write_text(json.dumps(
                 {"class_names": result.class_names, "matrix": result.confusion}))
             (evaluation / "test_predictions.json").write_text(json.dumps(
@@ -125,6 +169,10 @@ class RunTracker:
         if self.artifact_uri is None:  # a run this process did not create (a retry continues it)
             self.artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
         return get_artifact_repository(self.artifact_uri, tracking_uri=self.client.tracking_uri)
+
+    def download(self, artifact: str, folder: str | Path) -> Path:
+        """One of the run's artifacts, downloaded into `folder`."""
+        return Path(self._artifacts().download_artifacts(artifact, str(folder)))
 
     @store_write
     def log_file(self, path: Path, folder: str | None = None) -> None:
@@ -173,10 +221,30 @@ class RunTracker:
         if note or state == "PRUNED":
             tags["mlflow.note.content"] = note or (f"**Pruned** ({reason}): the pruner stopped it because its "
                                                    "validation score was below the median of the complete trials at "
-                                                   "that epoch. Its per-epoch curves are kept; it has no test metrics.")
-        self.flush(tags)
+                                                   "that epoch. Its per-epoch curves are kept and `best/val/*` "
+                                                   "give the best epoch it reached; it has no test metrics.")
+        self.unwatch()
+        try:
+            self.flush(tags)
+        except Exception as e:
+            self._close_failed(f"its final write failed: {e!r}")
+            raise
         self.client.set_terminated(self.run_id, status=status)
         self.ended = True
+
+    def _close_failed(self, reason: str) -> None:
+        """Close the run FAILED when its last write fails. What the store refused (a metric it rejects) is dropped,
+        not retried: a run left RUNNING would look alive forever and hold a sweep's slot."""
+        from mlflow.entities import RunTag
+
+        self.unwatch()
+        self.buffer, self.params, self.tags = [], {}, {}
+        try:
+            tags = {TRIAL_STATE: "FAIL", OUTCOME: f"failed: {reason}"[:250], REASON: reason[:5000]}
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        finally:
+            self.client.set_terminated(self.run_id, status="FAILED")
+            self.ended = True
 
 
 def interrupted_or_failed(exc: BaseException) -> tuple[str, str, str]:
@@ -232,6 +300,7 @@ def open_run(client, experiment: str, name: str, tags: dict[str, str], params: d
     parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     run = client.create_run(experiment, run_name=name, tags={**source_tags(verb), **parent, **tags})
     created = RunTracker(client, run.info.run_id, run.info.artifact_uri)
+    created.watch()
     try:
         created.write_params(params)
         if record is not None:

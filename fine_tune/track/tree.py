@@ -5,6 +5,7 @@ workers in other processes attach to the same tree.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from typing import Any, Iterator
 
@@ -12,6 +13,8 @@ from fine_tune.names import OUTCOME, REASON, ROLE, STUDY_NAME, TRIAL, TRIAL_NUMB
 from fine_tune.track.interrupts import interruptible, store_write
 from fine_tune.track.stores import mlflow_client
 from fine_tune.track.tracking import RunTracker, experiment_id, open_run
+
+DEFINITION_CHANGED = "fine_tune.definition_changed"
 
 
 class StudyTracker:
@@ -22,8 +25,10 @@ class StudyTracker:
     def __init__(self, study_name: str, uri: str, verb: str = "sweep", role: str = "study"):
         """`role`: the parent's `fine_tune.role`, "study" for the sweep's; `make confirm` keeps its re-runs under a
         parent of its own ("confirm"), so the study's parent run's clock is the sweeps'."""
-        # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar.
+        # MLflow's INFO lines (table creation, model registration) would break the sweep's progress bar, and its
+        # database layer logs each error it then raises with a traceback: the raised one is ours to report, in a line.
         logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.study_name, self.uri, self.verb, self.role = study_name, uri, verb, role
         self.client = mlflow_client(uri)
         self.experiment_id = experiment_id(self.client, study_name)
@@ -84,27 +89,34 @@ class StudyTracker:
                 self.client.delete_tag(run_id, stale)
         run.set_tags({TRIAL_STATE: "RUNNING", "optuna.retry_trial_number": retry_number,
                       "fine_tune.retried_after": tags.get(REASON, "")[:250]})
+        run.watch(resume=True)
         return run
 
     @store_write
     def define(self, definition: dict[str, Any]) -> None:
-        """The study's definition (search space, sampler, pruner, objective, trial count, seed) as the parent's params:
-        written by the first sweep; a later sweep that changes it leaves the first as it was (MLflow params cannot
-        change) and records the change in the tag `fine_tune.definition_changed`."""
+        """The study's definition (search space, sampler, pruner, objective, trial count, seed): the first sweep's as
+        the parent's params (MLflow params cannot change), each sweep's own as the artifact `definition.json`, and
+        what differs from the first (changed, added and removed keys) in the tag `fine_tune.definition_changed`, which
+        goes when nothing does."""
         from mlflow.exceptions import MlflowException
 
-        logged = self.client.get_run(self.parent.run_id).data.params
-        new = {k: str(v) for k, v in definition.items()}
+        run = self.client.get_run(self.parent.run_id)
+        logged, new = run.data.params, {k: str(v) for k, v in definition.items()}
         if not logged:
             try:
                 self.parent.write_params(new)
+                logged = new
             except MlflowException:  # two sweeps started together: the other wrote them between our read and write
                 logged = self.client.get_run(self.parent.run_id).data.params
                 if not logged:
                     raise
-        changed = sorted(k for k in new if k in logged and logged[k] != new[k] and k != "n_trials")
+        changed = sorted(k for k in new.keys() | logged.keys() if logged.get(k) != new.get(k) and k != "n_trials")
         if changed:
-            self.parent.set_tags({"fine_tune.definition_changed": ", ".join(changed)})
+            self.parent.set_tags({DEFINITION_CHANGED: ", ".join(
+                k if k in new and k in logged else f"{k} (added)" if k in new else f"{k} (removed)" for k in changed)})
+        elif DEFINITION_CHANGED in run.data.tags:  # back to the first definition
+            self.client.delete_tag(self.parent.run_id, DEFINITION_CHANGED)
+        self.parent.log_texts({"definition.json": json.dumps(definition, indent=2, default=str) + "\n"})
 
     @store_write
     def describe_result(self, markdown: str) -> None:
@@ -120,7 +132,11 @@ class StudyTracker:
 
     @store_write
     def close(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent.run_id, status=status)
+        self.parent.unwatch()
+        try:
+            self.parent.flush()  # its last system metrics
+        finally:
+            self.client.set_terminated(self.parent.run_id, status=status)
 
 
 @contextlib.contextmanager
@@ -131,6 +147,7 @@ def parent_run(study_name: str, uri: str, verb: str = "sweep", role: str = "stud
     with interruptible():
         tracker = StudyTracker(study_name, uri, verb=verb, role=role)
         status = "KILLED"
+        tracker.parent.watch(resume=True)  # the launcher's machine, for as long as the command runs
         try:
             tracker.describe()
             yield tracker
