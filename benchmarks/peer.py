@@ -185,8 +185,8 @@ def per_trial(study, wall: float) -> dict:
 
 def holdings(tracking_uri: str, experiment: str, searched: tuple[tuple[str, ...], ...] = ()) -> dict:
     """What an MLflow tree holds for a study: runs, params, metrics and tags per trial run, metric curves (keys with
-    more than one step), artifacts, datasets, how a pruned trial shows, and how many trial runs hold every
-    hyperparameter in `searched` (each given by the names it may be logged under)."""
+    more than one step), artifacts, datasets, how a pruned trial shows, and how many trial runs hold each
+    hyperparameter in `searched` (given by the names it may be logged under, the first naming it)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -211,8 +211,8 @@ def holdings(tracking_uri: str, experiment: str, searched: tuple[tuple[str, ...]
             "tags_per_trial": max(len(r.data.tags) for r in trials), "curves_per_trial": len(curves),
             "artifacts_per_trial": max(files(r.info.run_id) for r in trials[:3]), "pruned_shown_as": shown,
             "datasets": sum(bool(r.inputs and r.inputs.dataset_inputs) for r in trials),
-            "trials_with_searched_params": sum(all(any(k in r.data.params for k in names) for names in searched)
-                                               for r in trials)}
+            "searched_params": {names[0]: sum(any(k in r.data.params for k in names) for r in trials)
+                                for names in searched}}
 
 
 def peer_figures(transfer: Config, scratch: Path, quick: bool, seed: int = 0) -> dict:

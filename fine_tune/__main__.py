@@ -156,7 +156,7 @@ def cmd_sweep(args) -> int:
     print(f"\n{cfg.study}: {s['trials_complete']} complete, {s['trials_pruned']} pruned, {s['trials_failed']} failed"
           + (f"; best {cfg.sweep.objective} {s['best_value']:.4f} (trial {s['best_trial']})" if "best_value" in s else ""))
     print(top_table(study))
-    print("\nnext: `make ui` to browse the runs (it prints the URL of the study's runs table), `make report` for the "
+    print("\nnext: `make ui` to browse the runs (it prints the URL of the study's trials, best first), `make report` for the "
           "report")
     return 0
 

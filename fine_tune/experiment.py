@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fine_tune.config import Config, CurveConfig, DataConfig, Hyperparameters, PretrainConfig, SweepConfig
+from fine_tune.config import Config, Hyperparameters
+from fine_tune.sections import CurveConfig, DataConfig, PretrainConfig, SweepConfig
 from fine_tune.errors import ConfigError
 
 MAX_YAML_BYTES = 1 << 20

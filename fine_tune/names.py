@@ -1,8 +1,11 @@
 """The names every store and every reader shares, in one torch-free module that `analysis/` imports too: the tag
 that says what made a run and its values, the tags a run of each kind carries, the metric vocabulary and the name of
 a study's label-efficiency experiment. A tag or key written here is read back under the same name everywhere."""
+import hashlib
 import os
+import re
 import socket
+from collections import Counter
 
 # `fine_tune.role`: what made a run. A study's tree holds one `study` parent (and one `confirm` parent) with `trial`
 # and `rerun` children; `make train` runs are `train`, `make rerun` makes `reproduction`s, `make curve` `curve` runs.
@@ -37,3 +40,21 @@ def curve_experiment(study: str) -> str:
 def worker_id() -> str:
     """host:pid of this process, the value of the WORKER tag: who runs a trial, a re-run or a registration."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+MAX_KEY = 250  # MLflow's limit on a metric key
+
+
+def metric_keys(prefix: str, names: list[str]) -> dict[str, str]:
+    """A valid MLflow metric key under `prefix` for each name, no two alike: characters MLflow refuses become '_'
+    ('T-shirt/top', 'T-shirt (top)', '+', an emoji), long names are cut, and a name whose key would meet another's
+    gets a hash of the name appended (a name that is already a valid key keeps it)."""
+    room = MAX_KEY - len(prefix)
+    clean = {n: (re.sub(r"[^\w.\- ]", "_", n) if n not in (".", "..") else "_")[:room] for n in names}
+    keys = dict(clean)
+    for digits in (8, 16, 64):  # longer hashes only if a key still meets another (a name shaped like a hashed key)
+        seen = Counter(keys.values())
+        clashing = [n for n in names if seen[keys[n]] > 1 and keys[n] != n]
+        for n in clashing:
+            keys[n] = f"{clean[n][:room - digits - 1]}-{hashlib.sha256(n.encode()).hexdigest()[:digits]}"
+    return {n: prefix + k for n, k in keys.items()}

@@ -18,7 +18,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     figures = json.loads((tmp_path / "bench.json").read_text())
     for key in ("a_tutorial_s_per_epoch", "b_ours_b64", "c_frozen1_uncached", "c_frozen1_cached",
                 "c_frozen2_uncached", "c_frozen2_cached", "d_ours_b256", "e_tracking_typical_trial",
-                "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision", "i_startup", "j_load", "k_peer"):
+                "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision", "i_startup", "j_load", "k_peer",
+                "l_text"):
         assert key in figures, key
     positive = [figures["a_tutorial_s_per_epoch"]["median"], figures["b_ours_b64"]["speedup_vs_a"],
                 figures["d_ours_b256"]["floor_s"], figures["f_workers"]["speedup"],
@@ -37,7 +38,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert peer["peer"]["trials"] == peer["ours"]["trials"] == peer["trials"] and peer["speedup_per_trial"] > 0
     assert peer["peer_holds"]["trial_runs"] == peer["ours_holds"]["trial_runs"] == peer["trials"]
     assert peer["ours_holds"]["nested"] and not peer["peer_holds"]["nested"]
-    assert md.count("\n| (") == 15 + 3 + 1 + 2 and "tutorial loop" in md and "resnet18 at 32 px" in md
+    assert figures["l_text"]["hf"]["trials"] == figures["l_text"]["ours"]["trials"] == figures["l_text"]["trials"]
+    assert md.count("\n| (") == 15 + 3 + 1 + 2 + 2 and "tutorial loop" in md and "resnet18 at 32 px" in md
 
 
 @pytest.mark.slow
@@ -56,11 +58,12 @@ def test_the_text_peer_runs_the_same_trials_both_ways_and_counts_what_each_tree_
     th, to = f["hf_holds"], f["ours_holds"]
     assert th["trial_runs"] == to["trial_runs"] == 2 and to["runs"] == 3
     assert to["nested"] and not th["nested"]
-    assert th["params_per_trial"] > 100 and th["params_per_trial_min"] == 0 and th["trials_with_searched_params"] == 0
-    assert to["params_per_trial_min"] > 0 and to["trials_with_searched_params"] == 2
+    assert th["params_per_trial"] > 100 and th["params_per_trial_min"] == 0
+    assert th["searched_params"] == {"lr": 1, "frozen_layers": 0}  # learning_rate in the first trial's run only
+    assert to["params_per_trial_min"] > 0 and to["searched_params"] == {"lr": 2, "frozen_layers": 2}
     assert th["artifacts_per_trial"] == th["datasets"] == 0 < to["artifacts_per_trial"] and to["datasets"] == 2
     rows = text_rows(f)
-    assert len(rows) == 2 and "0 of 2 hold the trial's lr and frozen_layers" in rows[1][1]
+    assert len(rows) == 2 and "the trial's lr in 1 of 2, frozen_layers in 0 of 2" in rows[1][1]
 
 
 def test_the_text_peer_freezes_the_same_stages_as_ours():

@@ -9,7 +9,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_metric_name
 
 from fine_tune.track.stores import tracking_uri
-from fine_tune.track.tracking import metric_keys, run_scope
+from fine_tune.names import metric_keys
+from fine_tune.track.tracking import run_scope
 from fine_tune.track.tree import StudyTracker
 
 AWKWARD = ["T-shirt (top)", "T-shirt/top", "+", "&", ",", "👕", "🥾", "a+b", "a_b", "Ankle boot", "凉鞋", "L" * 250,

@@ -117,6 +117,30 @@ def test_the_champion_is_an_exported_program_that_predicts_as_its_trial(swept, t
         assert np.allclose(loaded[way], expected[:7], atol=1e-5), way
 
 
+def test_the_registry_says_what_the_champion_is_and_what_it_scored(swept):
+    """The registered model's description names the task, classes, objective and how to load it; the version's
+    description and tags give the trial's hyperparameters and val / test metrics; the logged model holds those
+    metrics linked to the datasets they were measured on (its page, and the Models tab's Dataset column)."""
+    cfg, study, client = swept
+    model = client.get_registered_model(cfg.study)
+    for said in ("classification of 5 classes", "Sandal", "val/f1_macro", "mlflow.pytorch.load_model", "uint8"):
+        assert said in model.description, said
+    version = client.get_model_version_by_alias(cfg.study, "champion")
+    best = study.best_trial
+    for name, value in best.params.items():
+        assert version.tags[name] == (f"{value:.4g}" if isinstance(value, float) else str(value)), name
+        assert name in version.description
+    run = client.get_run(version.tags["run_id"])
+    assert float(version.tags["val/f1_macro"]) == pytest.approx(study.best_value, abs=5e-5)
+    assert float(version.tags["test/accuracy"]) == pytest.approx(run.data.metrics["test/accuracy"], abs=5e-5)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["best/val/f1_macro"].value == pytest.approx(study.best_value)
+    digests = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert linked["test/accuracy"].dataset_digest == digests["test"]
+    assert linked["best/val/f1_macro"].dataset_digest == digests["validation"]
+
+
 class Planted:
     """What a planted pickle does when it is unpickled: write a file."""
 

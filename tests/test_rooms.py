@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fine_tune"
-ROOT_MODULES = ("__main__", "cli", "config", "errors", "experiment", "names", "space", "archs")
+ROOT_MODULES = ("__main__", "cli", "config", "sections", "errors", "experiment", "names", "space", "archs")
 # What a module of each room must never import (a module name, or a prefix ending in ".").
 FORBIDDEN = {
     "learn": ("mlflow", "optuna", "fine_tune.track.", "fine_tune.study."),

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from browser import Page, chromium
 from helpers import cli_env, free_port, study_in, write_experiment
+from mlflow.tracking import MlflowClient
 
 from analysis.__main__ import main as analysis_main
 
@@ -188,3 +189,21 @@ def test_the_report_shows_the_pruned_trials(pruned_study):
         wide = page.js("""Array.from(document.querySelectorAll('table')).filter(t => t.closest('.table-wrap') === null)
                           .length""")
         assert wide == 0  # every table scrolls inside the page rather than running off it
+
+
+def test_the_model_version_page_says_what_the_champion_is(pruned_study, ui):
+    """The registry in the real UI: the registered model's page describes the task and how to load it, and the
+    champion version's page shows the trial's hyperparameters and its val / test metrics."""
+    client = MlflowClient(f"sqlite:///{pruned_study}/runs/mlflow.db")
+    version = client.get_model_version_by_alias("ui-study", "champion")
+    base = ui.split("#")[0]
+    with Page(1400, 1600) as page:
+        page.goto(f"{base}#/models/ui-study")
+        page.wait_for("document.body.innerText.includes('mlflow.pytorch.load_model')", timeout=120)
+        assert "classification of" in page.js("document.body.innerText")
+        page.goto(f"{base}#/models/ui-study/versions/{version.version}")
+        page.wait_for("document.body.innerText.includes('test/accuracy')", timeout=120)
+        text = page.js("document.body.innerText")
+        for name in ("lr", "frozen_layers", "head_size", "val/f1_macro", f"Trial {version.tags['optuna.trial_number']}"):
+            assert name in text, name
+        page.screenshot(pruned_study / "ui-model-version.png")

@@ -187,6 +187,7 @@ def _worker_process(inputs: Inputs, target: int, max_trials: int, workers: int, 
     # Ctrl-C reaches the whole process group; the launcher turns it into one SIGTERM per worker, so a worker
     # ignores SIGINT rather than being interrupted twice in the middle of closing its trial.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "Using an existing study" per worker, through the bar
     cfg = inputs.cfg
     try:
         with interruptible((signal.SIGTERM,)):

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from fine_tune.archs import is_text
+from fine_tune.track import model_card
 from fine_tune.names import TRIAL, TRIAL_NUMBER, TRIAL_STATE, WORKER, role_filter, worker_id
 
 CHAMPION = "champion"
@@ -151,7 +152,10 @@ def _log_and_register(client, name: str, run_id: str, tags: dict, example) -> st
                     input_example=example.numpy(),  # also what torch.export traces, its batch dimension left free
                     pip_requirements=requirements)
             client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run's page lists it
-            return str(mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags).version)
+            version = str(mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags).version)
+        model_card.describe(client, name, version, run, "text" if is_text(cfg.model) else "image",
+                            tags["objective"], logged.model_id)
+        return version
     except BaseException:  # an error, Ctrl-C or SIGTERM: unless it came after the version was made
         with contextlib.suppress(Exception):
             _drop_unregistered(client, logged)

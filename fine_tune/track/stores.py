@@ -99,10 +99,7 @@ def _unreachable(uri: str, why: str) -> TrackingError:
 
 def _root_cause(e: BaseException) -> str:
     """What lies under MLflow's wrapping of a failed request, in a few words ("Connection refused", "timed out")."""
-    for _ in range(20):  # a chain is short; the bound is for a cycle
-        if (e.__cause__ or e.__context__) is None:
-            break
-        e = e.__cause__ or e.__context__
+    *_, e = causes(e)  # the innermost error
     return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 

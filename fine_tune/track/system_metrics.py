@@ -151,9 +151,9 @@ def watch(client, run_id: str, resume: bool = False) -> Watch | None:
     return _sampler.watch(client, run_id, _next_step(client, run_id) if resume else 0)
 
 
-def stop(w: Watch) -> list:
-    """The run's last system metrics (Metric entities), for its final write."""
-    return _sampler.stop(w) if _sampler is not None else []
+def stop(w: Watch | None) -> list:
+    """The run's last system metrics (Metric entities), for its final write; none for a run not watched."""
+    return _sampler.stop(w) if w is not None and _sampler is not None else []
 
 
 def _next_step(client, run_id: str) -> int:

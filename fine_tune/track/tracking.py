@@ -6,36 +6,16 @@ run, for every kind of run (trials, `make train`, `make rerun`, confirm, curve).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fine_tune.names import BEST_EXACT, OUTCOME, REASON, TRIAL_STATE
+from fine_tune.names import BEST_EXACT, OUTCOME, REASON, TRIAL_STATE, metric_keys
+from fine_tune.track import system_metrics
 from fine_tune.track.interrupts import shielded, store_write
 from fine_tune.track.stores import artifact_location, mlflow_client
-
-MAX_KEY = 250  # MLflow's limit on a metric key
-
-
-def metric_keys(prefix: str, names: list[str]) -> dict[str, str]:
-    """A valid MLflow metric key under `prefix` for each name, no two alike: characters MLflow refuses become '_'
-    ('T-shirt/top', 'T-shirt (top)', '+', an emoji), long names are cut, and a name whose key would meet another's
-    gets a hash of the name appended (a name that is already a valid key keeps it)."""
-    room = MAX_KEY - len(prefix)
-    clean = {n: (re.sub(r"[^\w.\- ]", "_", n) if n not in (".", "..") else "_")[:room] for n in names}
-    keys = dict(clean)
-    for digits in (8, 16, 64):  # longer hashes only if a key still meets another (a name shaped like a hashed key)
-        seen = Counter(keys.values())
-        clashing = [n for n in names if seen[keys[n]] > 1 and keys[n] != n]
-        for n in clashing:
-            keys[n] = f"{clean[n][:room - digits - 1]}-{hashlib.sha256(n.encode()).hexdigest()[:digits]}"
-    return {n: prefix + k for n, k in keys.items()}
-
 
 class RunTracker:
     """One MLflow run, written through the client with an explicit run id (safe across processes)."""
@@ -54,17 +34,12 @@ class RunTracker:
 
     def watch(self, resume: bool = False) -> None:
         """Sample what the run costs the machine (system/... metrics) until it ends; `resume` for a run continued."""
-        from fine_tune.track import system_metrics
-
         self.monitor = system_metrics.watch(self.client, self.run_id, resume)
 
     def unwatch(self) -> None:
         """Stop sampling; the last samples join the buffer, for the run's next (final) write."""
-        from fine_tune.track import system_metrics
-
         monitor, self.monitor = self.monitor, None
-        if monitor is not None:
-            self.buffer += system_metrics.stop(monitor)
+        self.buffer += system_metrics.stop(monitor)
 
     @store_write
     def write_params(self, params: dict[str, Any]) -> None:
