@@ -237,7 +237,10 @@ def test_a_full_disk_ends_the_sweep_in_one_true_line_and_the_next_sweep_recovers
     assert proc.wait(timeout=900) == 0, out.read_text()[-3000:]
     said(out)
     assert "RUNNING" not in local_trials(small_disk) and local_trials(small_disk).count("COMPLETE") >= 3
-    assert {status for _, status, _ in runs(tmp_path)} == {"FINISHED"}
+    # a trial whose run could still record its end when the disk filled is closed FAILED (it did fail); none is
+    # left RUNNING, and the study's three complete trials each have a FINISHED run
+    statuses = [status for _, status, _ in runs(tmp_path)]
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") >= 3, statuses
 
 
 def test_only_a_database_server_that_cannot_be_reached_counts_as_lost(tmp_path):
