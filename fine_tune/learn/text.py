@@ -105,9 +105,10 @@ def labeled_texts(data, classes: list | None) -> list[tuple[str, str]]:
     return list(first.items())
 
 
-def tokenized(texts: list[str], tokenizer, max_length: int) -> torch.Tensor:
-    """Token ids and attention masks, (N, 2, L) int64, padded to the longest kept text (at most `max_length`)."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+def tokenized(texts: list[str], tokenizer, max_length: int, padding: str = "longest") -> torch.Tensor:
+    """Token ids and attention masks, (N, 2, L) int64, padded to the longest kept text (at most `max_length`), or
+    to `max_length` itself with padding="max_length" (a shape fixed for an exported graph)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
     return torch.stack([enc["input_ids"], enc["attention_mask"]], dim=1).long()
 
 

@@ -172,11 +172,11 @@ def _log_text_model(model, cfg, class_names: list[str], model_id: str, example, 
     from transformers import AutoTokenizer
 
     from fine_tune.learn.encoders import model_dir
+    from fine_tune.learn.text import tokenized
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir(cfg.model)))
     texts = tokenizer.batch_decode(example[:, 0], skip_special_tokens=True)  # the input example, as text again
-    enc = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding="max_length", return_tensors="pt")
-    ids = torch.stack([enc["input_ids"], enc["attention_mask"]], dim=1).long()
+    ids = tokenized(texts, tokenizer, cfg.data.max_length, padding="max_length")
     program = torch.export.export(model, (ids,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     with tempfile.TemporaryDirectory() as tmp:
         torch.export.save(program, f"{tmp}/model.pt2")
