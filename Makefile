@@ -12,6 +12,8 @@ DASHBOARD_PORT ?= 8080
 MLFLOW_TRACKING_URI ?= sqlite:///runs/mlflow.db
 OPTUNA_STORAGE ?= sqlite:///runs/optuna.db
 WORKERS ?=
+# `make test`: processes sharing out the tests (a file with module fixtures stays in one: xdist_group)
+TEST_WORKERS ?= 2
 STUDY ?=
 STUDIES ?=
 TOP_K ?= 3
@@ -84,25 +86,25 @@ report: venv ## write reports/<study>/report.{md,html} for EXPERIMENT's study (a
 confirm: data ## re-train the top TOP_K trials with SEEDS new seeds (then `make report` adds CIs and McNemar)
 	$(PY) -m fine_tune confirm --config $(EXPERIMENT) --top-k $(TOP_K) --seeds $(SEEDS)
 
-curve: data ## label-efficiency curve of EXPERIMENT (fine-tuned vs from scratch vs linear probe) -> reports/<study>-curve/
+curve: data ## label efficiency of EXPERIMENT: fine-tuned vs from scratch vs linear probe (or the best of each method) over label budgets -> reports/<study>-curve/
 	$(PY) -m fine_tune curve --config $(EXPERIMENT) $(ARGS)
 	$(PY) -m analysis curve --config $(EXPERIMENT)
 
 compare: venv ## compare studies side by side: make compare STUDIES="a b" -> reports/compare-a-b/
 	$(PY) -m analysis compare --studies $(STUDIES) $(ARGS)
 
-# The peers of `make bench` need optuna-integration (k) and accelerate (l, Trainer's search): installed for the
+# The peer (k) of `make bench` needs optuna-integration: installed for the
 # benchmark only, beside the venv (their own dependencies are already in it).
-BENCH_DEPS := .bench-deps/.installed-optuna-integration-5.0.0-accelerate-1.16.0
+BENCH_DEPS := .bench-deps/.installed-optuna-integration-5.0.0
 $(BENCH_DEPS): $(STAMP)
-	$(PY) -m pip install -q --no-deps --upgrade --target .bench-deps optuna-integration==5.0.0 accelerate==1.16.0
+	$(PY) -m pip install -q --no-deps --upgrade --target .bench-deps optuna-integration==5.0.0
 	@rm -f .bench-deps/.installed-* && touch $@
 
-bench: data $(BENCH_DEPS) ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning, start-up, load, the peer) -> reports/bench.md (ARGS="--only startup,load")
+bench: data $(BENCH_DEPS) ## speed side by side (tutorial loop, ours, FLOP floor, tracking, workers, pruning, start-up, load, the peers, what LoRA and LP-FT cost) -> reports/bench.md (ARGS="--only startup,load")
 	$(PY) -m benchmarks.bench $(EXPERIMENT) $(ARGS)
 
-test: data $(BENCH_DEPS) ## run the test suite (real data slices, real stores)
-	$(PY) -m pytest -q $(ARGS)
+test: data $(BENCH_DEPS) ## run the test suite (real data slices, real stores; TEST_WORKERS processes side by side)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 clean: ## delete generated runs and reports (keeps the venv and the data)
 	rm -rf runs reports .pytest_cache

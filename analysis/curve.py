@@ -61,32 +61,38 @@ def finding(table: pd.DataFrame, baseline: str = "from scratch", metric: str = "
     out = []
     for budget, group in table.groupby("budget"):
         rows = group.set_index("arm")
-        if baseline not in rows.index:
-            continue
         ci = {arm: (r[metric], r[f"{metric} low"], r[f"{metric} high"]) for arm, r in rows.iterrows()}
-        base = ci[baseline]
-        parts = [f"{arm} {x[0]:.4f} ({100 * (x[0] - base[0]):+.1f} points, "
-                 f"{'intervals apart' if stats.apart(x, base) else 'intervals overlap'})"
-                 for arm, x in ci.items() if arm != baseline]
+        if baseline in rows.index:  # each arm against the baseline
+            base = ci[baseline]
+            parts = [f"{baseline} {base[0]:.4f}"] + [
+                f"{arm} {x[0]:.4f} ({100 * (x[0] - base[0]):+.1f} points, "
+                f"{'intervals apart' if stats.apart(x, base) else 'intervals overlap'})"
+                for arm, x in ci.items() if arm != baseline]
+        else:
+            parts = [f"{arm} {x[0]:.4f}" for arm, x in sorted(ci.items(), key=lambda kv: -kv[1][0])]
         top = rows[metric].idxmax()
         tied = [arm for arm in ci if arm != top and not stats.apart(ci[top], ci[arm])]
         why = "one seed: no interval" if rows.n.min() < 2 else "intervals overlap"
         verdict = (f"best: {top} (its interval apart from every other arm's)" if not tied else
                    f"no difference between {top} and {' or '.join(tied)} ({why})")
-        out.append(f"{budget} per class: {baseline} {base[0]:.4f}; " + "; ".join(parts) + f"; {verdict}")
+        out.append(f"{budget} per class: " + "; ".join(parts) + f"; {verdict}")
     return out
 
 
-def fine_tuned_with(runs: pd.DataFrame) -> str:
-    """Which hyperparameters the fine-tuned arm trained with, as its runs recorded them."""
-    tuned = runs[runs.arm == "fine-tuned"]
-    said = tuned.tuned_by.dropna().value_counts()
-    if said.empty:
-        return "fine-tuned arm's hyperparameters: not recorded by its runs (made before fine_tune recorded them)"
-    if len(said) == 1:
-        return f"fine-tuned arm's hyperparameters: {said.index[0]}"
-    return "fine-tuned arm's hyperparameters (its runs differ): " + "; ".join(f"{s} ({n} runs)" for s, n in
-                                                                            said.items())
+def tuned_with(runs: pd.DataFrame) -> list[str]:
+    """Which hyperparameters each tuned arm (fine-tuned, or a method's best trial) trained with, as its runs recorded
+    them."""
+    out = []
+    for arm in sorted(set(runs.arm) - {"from scratch", "linear probe"}):
+        said = runs[runs.arm == arm].tuned_by.dropna().value_counts()
+        if said.empty:
+            out.append(f"{arm} arm's hyperparameters: not recorded by its runs (made before fine_tune recorded them)")
+        elif len(said) == 1:
+            out.append(f"{arm} arm's hyperparameters: {said.index[0]}")
+        else:
+            out.append(f"{arm} arm's hyperparameters (its runs differ): " + "; ".join(f"{s} ({n} runs)" for s, n in
+                                                                                     said.items()))
+    return out
 
 
 def curve_report(study: str, runs: pd.DataFrame, folder: Path) -> Report:
@@ -99,7 +105,7 @@ def curve_report(study: str, runs: pd.DataFrame, folder: Path) -> Report:
     report.add(Heading("Summary"), Bullets([
         f"{len(runs)} finished runs: {len(table.arm.unique())} arms x {len(table.budget.unique())} budgets, seeds "
         f"{', '.join(map(str, seeds))} ({draws})",
-        fine_tuned_with(runs), f"compute time: {duration(runs.duration_s.sum())}", *finding(table)]))
+        *tuned_with(runs), f"compute time: {duration(runs.duration_s.sum())}", *finding(table)]))
     report.add(Heading("Test accuracy vs labels per class"),
                Image(plots.curve(table, "test/accuracy", folder / "curve_accuracy.png"), "accuracy vs labels"),
                Image(plots.curve(table, "test/f1_macro", folder / "curve_f1.png"), "macro-F1 vs labels"),

@@ -29,10 +29,10 @@ TAGS = (ROLE, f"tags.{TRIAL_NUMBER}", f"tags.{RERUN_OF}", f"tags.{SEED}", f"tags
 METRICS = {
     "metrics.best/val/accuracy": "val/accuracy", "metrics.best/val/f1_macro": "val/f1_macro",
     "metrics.test/accuracy": "test/accuracy", "metrics.test/f1_macro": "test/f1_macro",
-    "metrics.best_epoch": "best_epoch", "metrics.epochs_run": "epochs_run",
+    "metrics.best_epoch": "best_epoch", "metrics.epochs_run": "epochs_run", "metrics.memory/peak_mb": "memory/peak_mb",
 }
 # Params the report reads whether or not the runs logged them (older runs, a store written elsewhere).
-PARAMS = ("seed", "trainable_params", "epochs")
+PARAMS = ("seed", "trainable_params", "epochs", "method")
 
 
 class StoreError(ValueError):

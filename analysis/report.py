@@ -18,7 +18,7 @@ from fine_tune.track.figures import confusion_png
 from fine_tune.track.stores import masked
 
 TOP = 10  # trials in the leaderboard
-SECTIONS = ["What this study says", "Summary", "Leaderboard", "All trials", "Optimization history",
+SECTIONS = ["What this study says", "Summary", "Leaderboard", "How to fine-tune", "All trials", "Optimization history",
             "Every trial per epoch", "Parameter importance", "Hyperparameters together",
             "Continuous hyperparameters vs validation F1", "Validation F1 by discrete hyperparameter", "Learning curves", "Train vs validation loss",
             "Champion: confusion matrix and per-class scores", "Accuracy vs macro-F1",
@@ -98,6 +98,35 @@ def leaderboard(data: StudyData) -> list:
     caption = (f"The {len(top)} best of {len(data.complete)} complete trials by {data.objective}. val/* are the best "
                "epoch's values (the checkpoint kept); test/* are that checkpoint's, measured once.")
     return [Heading("Leaderboard"), Table(table, caption), *by_model(data)]
+
+
+def methods(data: StudyData) -> list:
+    """The trials grouped by how they fine-tuned (the `method` each run logged: full, partly frozen, probe, LoRA,
+    LP-FT): how many the search gave each, and the best and median each reached, beside what each costs."""
+    blocks = [Heading("How to fine-tune")]
+    ran = data.trials[data.trials.state.isin(["COMPLETE", "PRUNED"])].dropna(subset=["method"])
+    if ran.empty:
+        return blocks + [Text("The runs logged no `method` (written by an older fine_tune).")]
+    rows = []
+    for method, group in ran.groupby("method"):
+        done = group[group.state == "COMPLETE"].sort_values(["value", "number"], ascending=[False, True])
+        best = done.iloc[0] if len(done) else None
+        rows.append({"method": method, "complete": str(len(done)), "pruned": str((group.state == "PRUNED").sum()),
+                     f"best {data.objective}": fmt(best.value if best is not None else np.nan, ".4f"),
+                     "best trial": str(best.number) if best is not None else "-",
+                     f"median {data.objective}": fmt(done.value.median(), ".4f"),
+                     "best's test/f1_macro": fmt(best["test/f1_macro"] if best is not None else np.nan, ".4f"),
+                     "median trainable params": fmt(done.trainable_params.median(), ",.0f"),
+                     "median peak memory (MiB)": fmt(done["memory/peak_mb"].median(), ".0f")})
+    table = pd.DataFrame(rows).sort_values(f"best {data.objective}", ascending=False, key=lambda c: pd.to_numeric(
+        c, errors="coerce"))
+    return blocks + [Table(table, (
+        f"Complete trials by method, best {data.objective} first. Probe: every backbone stage frozen; partly frozen: "
+        "some; full: none; LoRA: low-rank adapters on the unfrozen stages; LP-FT: the head probed first, then "
+        "fine-tuned. The search spends its trials unevenly (TPE samples more of what works, the pruner stops what "
+        "does not), so n differs, and each number is one seed: `make confirm` re-trains the top trials with other "
+        "seeds for intervals. Peak memory: the run's peak above its start (CUDA's allocator, or the process's resident "
+        "memory on Linux)."))]
 
 
 def all_trials(data: StudyData) -> list:
@@ -214,8 +243,8 @@ def mcnemar(data: StudyData) -> tuple[str, str]:
 def study_report(data: StudyData, folder: Path, resamples: int = stats.RESAMPLES) -> Report:
     report = Report(f"Study report: {data.name}")
     test, verdict = mcnemar(data)
-    report.add(*says(data, verdict), *summary(data), *leaderboard(data), *all_trials(data), *search(data, folder),
-               *curves(data, folder), *champion(data, folder), *tradeoffs(data, folder), *noise(data, resamples, test))
+    report.add(*says(data, verdict), *summary(data), *leaderboard(data), *methods(data), *all_trials(data),
+               *search(data, folder), *curves(data, folder), *champion(data, folder), *tradeoffs(data, folder), *noise(data, resamples, test))
     return report
 
 

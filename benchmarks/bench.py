@@ -101,7 +101,7 @@ def sampled_params(cfg: Config, n: int, seed: int) -> list[dict]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [suggest(study.ask(), cfg.search) for _ in range(n)]
+    return [suggest(trial := study.ask(), cfg) and trial.params for _ in range(n)]
 
 
 def sweep_figures(cfg: Config, backbone: str, workers: int, n_trials: int, pruner: str, seed: int,
@@ -212,7 +212,7 @@ def tracking_overhead(cfg: Config, splits, backbone: str | None, repeats: int) -
             "overhead_pct_per_pair": spread(pairs), "inside_pct": spread(inside)}
 
 
-SECTIONS = ("speed", "startup", "load", "peer", "text")  # (a)-(h), (i), (j), (k), (l)
+SECTIONS = ("speed", "startup", "load", "peer", "text", "methods")  # (a)-(h), (i), (j), (k), (l), (m)
 
 
 def run_bench(experiment: str | Path = DEFAULT_EXPERIMENT, quick: bool = False, log: Callable[[str], None] = print,
@@ -256,6 +256,12 @@ def run_bench(experiment: str | Path = DEFAULT_EXPERIMENT, quick: bool = False, 
                 if "speedup_per_trial" in figures["l_text"]:
                     log(f"(l) ours vs Trainer.hyperparameter_search on the text study: "
                         f"{figures['l_text']['speedup_per_trial']:.1f}x faster per trial")
+            if "methods" in only:
+                from benchmarks.methods import method_figures
+
+                figures["m_methods"] = method_figures(scratch / "methods", quick)
+                log(f"(m) LoRA vs full fine-tune: {figures['m_methods']['lora_epoch_ratio']:.2f}x the time per epoch, "
+                    f"{figures['m_methods']['lora_memory_ratio']:.2f}x the peak memory")
             write(figures, out)
             return figures
     finally:
@@ -425,6 +431,10 @@ def table(f: dict) -> str:
         from benchmarks.text_peer import text_rows
 
         rows += text_rows(f["l_text"])
+    if "m_methods" in f:
+        from benchmarks.methods import method_rows
+
+        rows += method_rows(f["m_methods"])
     head = "| figure | measured (median, spread) | ratio | target |\n|---|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
 

@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 folder, the texts tokenized once and padded per batch by the de
 embeddings, then the transformer blocks in the same four groups as ours) and `report_to="mlflow"`. Ours is
 `fine_tune sweep` of the same study. Both train the same texts (our splits of Debian's fortunes), for the same epochs,
 on the same points of the search space (drawn once, enqueued in both studies), in this process, on as many threads.
-Trainer needs accelerate, installed for the benchmark only (`make bench` puts it in .bench-deps/).
+Trainer needs accelerate (pinned in requirements.txt: peft needs it too).
 
 Heads: HF's is its pooler (dense + tanh over the first token) and a linear layer, trained in every trial; there is no
 `head_size` to map onto it, so both sides keep `head_size: [0]` (ours: one linear layer over the mean of the tokens).
@@ -20,7 +20,7 @@ from pathlib import Path
 from fine_tune.config import Config
 from fine_tune.experiment import load_config
 
-from benchmarks.peer import fluent_store, integration, ours_sweep, per_trial
+from benchmarks.peer import fluent_store, ours_sweep, per_trial
 
 FLAGSHIP = Path(__file__).resolve().parent.parent / "experiments" / "fortunes_minilm.yaml"
 TOPICS = ["computers", "food", "love", "sports"]
@@ -39,16 +39,9 @@ def text_config(runs_dir: Path, quick: bool) -> Config:
 
 
 def accelerate_ready() -> bool:
-    """Whether Trainer can run: accelerate importable (from .bench-deps/), and transformers told so."""
-    import importlib.util
-
-    integration()  # puts .bench-deps/ on sys.path
-    if importlib.util.find_spec("accelerate") is None:
-        return False
-    # transformers remembers its first answer; a model loaded before .bench-deps/ was on the path asked already
+    """Whether Trainer can run: accelerate importable, as transformers sees it."""
     from transformers.utils import import_utils
 
-    import_utils.is_accelerate_available.cache_clear()
     return import_utils.is_accelerate_available()
 
 
@@ -149,7 +142,7 @@ def text_figures(scratch: Path, quick: bool, seed: int = 0) -> dict:
     from benchmarks.peer import holdings
 
     if not accelerate_ready():
-        return {"skipped": "accelerate is not installed: `make bench` installs it into .bench-deps/"}
+        return {"skipped": "accelerate is not installed: `make venv` installs it (requirements.txt)"}
     scratch.mkdir(parents=True, exist_ok=True)
     cfg = text_config(scratch, quick)
     backbone = backbone_for(cfg, log=lambda s: None)

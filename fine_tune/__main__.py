@@ -80,6 +80,8 @@ def cmd_models(args) -> int:
 
     from fine_tune.learn.encoders import PACKAGED
 
+    if args.layers:
+        return _layers(args.layers)
     print(f"{'model':42s} {'stages':>6s} {'parameters':>12s}  input")
     for name in [*archs.SMALL, *archs.TORCHVISION, *(archs.HF + n for n in PACKAGED)]:
         stages, params = describe(name)
@@ -87,6 +89,23 @@ def cmd_models(args) -> int:
         print(f"{name:42s} {stages:6d} {params:12,d}  {f'{size}x{size} images' if size else 'text'}")
     print(f"and any Hugging Face encoder of the BERT, RoBERTa, DistilBERT or MiniLM families as {archs.HF}<hub id or "
           "folder>")
+    return 0
+
+
+def _layers(arch: str) -> int:
+    """The layers LoRA can adapt in `arch`, by stage: the names `lora_targets` matches the ends of."""
+    from pydantic import ValidationError
+
+    from fine_tune.config import Hyperparameters
+    from fine_tune.learn.lora import layers_by_stage
+
+    try:
+        Hyperparameters(model=arch)
+    except ValidationError as e:
+        raise ConfigError(f"--layers: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    print(f"layers of {arch} that LoRA can adapt (lora_targets matches the ends of these names):")
+    for i, names in enumerate(layers_by_stage(arch), start=1):
+        print(f"  stage {i}: {', '.join(names) if names else '(none)'}")
     return 0
 
 
@@ -242,6 +261,8 @@ def _verb_options(name: str, p) -> None:
         p.add_argument("--vary", choices=("seed", "backbone"), default="seed",
                        help="what each new seed changes: the fine-tuning only (seed), or the backbone's pretraining "
                             "too (backbone: pretrained again per seed)")
+    elif name == "models":
+        p.add_argument("--layers", metavar="MODEL", help="list the layers of MODEL that LoRA can adapt, by stage")
     elif name == "sweep":
         p.add_argument("--n-trials", type=positive_int, help="finished trials to add in this run (default: "
                                                              "sweep.n_trials)")

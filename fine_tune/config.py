@@ -76,6 +76,58 @@ class Hyperparameters(Strict):
                                    description="label smoothing of the training loss (0 = none)")
     pooling: Literal["mean", "first"] = Field("mean", description="text models: one vector per text from the mean of "
                                                                "its token states or its first token's")
+    # How to fine-tune beyond "how many stages to freeze". Kept last: a sweep samples in this order, and whether these
+    # apply depends on the model and frozen_layers sampled before them (`inapplicable`).
+    lora_rank: int = Field(0, ge=0, le=4096, description="LoRA: rank of low-rank adapters on the unfrozen stages' "
+                                                         "Linear and convolution layers, whose own weights then stay "
+                                                         "fixed (0 = off: the unfrozen stages train whole)")
+    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                     description="LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank "
+                                                 "(null = 2 x lora_rank)")
+    lp_epochs: int = Field(0, ge=0, description="LP-FT: first train the head alone on the frozen backbone's cached "
+                                                "features for this many epochs, then fine-tune from that head "
+                                                "(0 = off; counts within `epochs`)")
+    lp_lr: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                description="learning rate of LP-FT's head-only phase (null = lr)")
+    lr_decay: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                            description="layer-wise learning-rate decay: backbone stage i of n trains at "
+                                        "lr x lr_decay^(n - i), the last stage at lr x lr_decay (1 = off)")
+
+
+    def method(self) -> str:
+        """How a run of these values fine-tunes, the report's groups: probe (every stage frozen), full, partly frozen,
+        LoRA, LP-FT or LP-FT + LoRA."""
+        if self.frozen_layers >= archs.stage_count(self.model):
+            return "probe"
+        base = "LoRA" if self.lora_rank else "full" if self.frozen_layers == 0 else "partly frozen"
+        return ("LP-FT + LoRA" if self.lora_rank else "LP-FT") if self.lp_epochs else base
+
+
+# What each way of fine-tuning needs before it means anything: with every stage frozen (a probe) there is nothing to
+# adapt, decay or fine-tune after probing; alpha and the probe phase's lr only matter with a rank and a probe phase.
+_NEEDS = {"lora_rank": "unfrozen", "lora_alpha": "lora_rank", "lp_epochs": "unfrozen", "lp_lr": "lp_epochs",
+          "lr_decay": "unfrozen"}
+
+
+def resolved(values: dict) -> dict:
+    """`values` (every hyperparameter) with each one that does not apply given those before it at its off value:
+    what a trial that sampled `values` trains with."""
+    out = dict(values)
+    for name, field in Hyperparameters.model_fields.items():
+        if not applies(name, out):
+            out[name] = field.default
+    return out
+
+
+def applies(name: str, values: dict) -> bool:
+    """Whether hyperparameter `name` changes anything given the values before it (a sweep samples it only then, and
+    gives it its off value otherwise)."""
+    need = _NEEDS.get(name)
+    if need is None:
+        return True
+    if need == "unfrozen":
+        return values["frozen_layers"] < archs.stage_count(values["model"])
+    return bool(values[need]) and applies(need, values)
 
 
 # One field per hyperparameter, derived: the search space cannot drift from what a run takes.
@@ -135,6 +187,9 @@ class Config(Hyperparameters):
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads per training process (null = auto: 1 "
                                                                  "for our small models, the process's share of the "
                                                                  "cores for torchvision's; FINE_TUNE_THREADS too)")
+    lora_targets: list[StrictStr] | None = Field(None, min_length=1, description="LoRA: adapt only the layers whose "
+                                                 "name ends with one of these, e.g. [query, value] for a BERT-family "
+                                                 "encoder (null = every Linear and convolution of the unfrozen stages)")
     cache_features: bool = Field(True, description="compute frozen layers' outputs once and train only the rest")
     data_dir: str | None = Field(None, description="where Fashion-MNIST is kept (default: $FINE_TUNE_DATA or data/)")
     runs_dir: str = Field("runs", description="where stores, checkpoints and caches are written")
@@ -170,6 +225,14 @@ class Config(Hyperparameters):
             if archs.is_text(model) and self.pretrain is not None:
                 raise ValueError(f"pretrain: {model} comes pretrained (its hub id or folder holds the weights); remove "
                                  "the pretrain: section")
+        if self.lora_rank and not applies("lora_rank", self.model_dump()):
+            raise ValueError(f"lora_rank={self.lora_rank}: LoRA adapts the unfrozen stages, but frozen_layers="
+                             f"{self.frozen_layers} freezes every stage of {self.model}; lower frozen_layers or set "
+                             "lora_rank: 0")
+        lp = max(self._values("lp_epochs"))
+        if lp and lp >= min(self._values("epochs")):
+            raise ValueError(f"lp_epochs={lp} leaves no epoch to fine-tune in (epochs={min(self._values('epochs'))}, "
+                             "the probe phase included); keep lp_epochs below epochs")
         if self.weights and self.pretrain is not None and not self.pretrained:
             raise ValueError("weights and pretrain both choose the backbone's starting weights; keep one")
         if self.data.kind == "fashion_mnist":  # its sizes are known before any image is read
@@ -193,6 +256,11 @@ class Config(Hyperparameters):
                                  f"{self.pretrain.holdout_per_class} held out of pretraining; raise "
                                  "pretrain.holdout_per_class")
         return self
+
+    def _values(self, name: str) -> list:
+        """Every value of hyperparameter `name` a run may get: the searched ones' bounds or choices, else its own."""
+        dim = getattr(self.search, name) if self.search else None
+        return dim.values() if dim is not None else [getattr(self, name)]
 
     def trial_models(self) -> list[str]:
         """Every model a run of this config may get: the searched choices, else its own."""

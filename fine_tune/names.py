@@ -23,6 +23,8 @@ BEST_EXACT = "fine_tune.best/"  # + "val/f1_macro"...: a run's best/val/* metric
 STUDY_NAME, TRIAL_NUMBER, TRIAL_STATE = "optuna.study_name", "optuna.trial_number", "optuna.trial_state"
 
 # The metric vocabulary: MLflow keys, Optuna's objective and the report's columns.
+# How a run fine-tunes, its `method` param (`config.Hyperparameters.method`): what the report groups trials by
+METHODS = ("full", "partly frozen", "probe", "LoRA", "LP-FT", "LP-FT + LoRA")
 SCORE = "val/f1_macro"  # what the report's figures compare runs by (the best epoch's value)
 SUMMARY = ("val/accuracy", "val/f1_macro", "test/accuracy", "test/f1_macro", "best_epoch", "epochs_run")
 

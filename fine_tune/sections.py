@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, StrictInt, StrictStr, field_validator, model_validator
 
+from fine_tune.names import METHODS
 from fine_tune.space import Strict
 
 
@@ -94,6 +95,21 @@ class CurveConfig(Strict):
                                description="labeled images per class, one point of the curve each")
     seeds: int = Field(3, ge=1, description="runs per point: seed and data_seed 0..seeds-1 (init, order, label draw)")
     probe_lr: float = Field(1e-2, gt=0, description="learning rate of the linear probe (a head alone learns faster)")
+    arms: list[str] = Field(default_factory=lambda: ["fine-tuned", "from scratch", "linear probe"], min_length=1,
+                            description="the ways compared at each budget: fine-tuned (the study's best trial), from "
+                                        "scratch, linear probe, or a method (full, partly frozen, probe, LoRA, LP-FT, "
+                                        "LP-FT + LoRA: the study's best trial of that method)")
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        known = ("fine-tuned", "from scratch", "linear probe", *METHODS)
+        unknown = [a for a in v if a not in known]
+        if unknown:
+            raise ValueError(f"unknown arm {unknown[0]!r}; use {', '.join(known)}")
+        if len(set(v)) != len(v):
+            raise ValueError("arms repeat; list each once")
+        return v
 
     @field_validator("budgets")
     @classmethod

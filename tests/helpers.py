@@ -41,6 +41,11 @@ def wait_for(check: Callable[[], object], proc: subprocess.Popen | None = None, 
         time.sleep(every_s)
 
 
+def untimed(metrics: dict) -> dict:
+    """A run's metrics without its measurements (times, memory): what the same seed must reproduce exactly."""
+    return {k: v for k, v in metrics.items() if not k.startswith(("time/", "memory/"))}
+
+
 def tiny_config(tmp_path, **overrides) -> Config:
     """Five target classes, 20 labeled images each, 20 val and 40 test images per class, 2 epochs."""
     fields = dict(study="tiny", classes=[5, 6, 7, 8, 9], budget_per_class=20, val_per_class=20,

@@ -9,18 +9,35 @@ from types import SimpleNamespace
 import pytest
 from helpers import ROOT
 
-from benchmarks.bench import Timed, run_bench, spread, steady_rate
+from benchmarks.bench import SECTIONS, Timed, run_bench, spread, steady_rate
+
+
+# What each section of `make bench` writes: its keys in bench.json and its rows in bench.md.
+WRITES = {"speed": (("a_tutorial_s_per_epoch", "b_ours_b64", "c_frozen1_uncached", "c_frozen1_cached",
+                     "c_frozen2_uncached", "c_frozen2_cached", "d_ours_b256", "e_tracking_typical_trial",
+                     "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision"), 15),
+          "startup": (("i_startup",), 3), "load": (("j_load",), 1), "peer": (("k_peer",), 2),
+          "text": (("l_text",), 2), "methods": (("m_methods",), 2)}
+
+
+def test_every_section_of_the_bench_is_checked():
+    assert set(WRITES) == set(SECTIONS)
 
 
 @pytest.mark.slow
-def test_quick_bench_writes_every_figure(tmp_path):
-    run_bench(ROOT / "experiments" / "fashion_transfer.yaml", quick=True, log=lambda s: None, out=tmp_path)
+@pytest.mark.parametrize("section", list(WRITES))
+def test_quick_bench_writes_every_figure_of_each_section(tmp_path, section):
+    """Each section on its own (`make bench ARGS="--only ..."`), so the suite's processes share them out."""
+    run_bench(ROOT / "experiments" / "fashion_transfer.yaml", quick=True, log=lambda s: None, out=tmp_path,
+              only=(section,))
     figures = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("a_tutorial_s_per_epoch", "b_ours_b64", "c_frozen1_uncached", "c_frozen1_cached",
-                "c_frozen2_uncached", "c_frozen2_cached", "d_ours_b256", "e_tracking_typical_trial",
-                "e_tracking_full_trial", "f_workers", "g_pruning", "h_torchvision", "i_startup", "j_load", "k_peer",
-                "l_text"):
-        assert key in figures, key
+    keys, rows = WRITES[section]
+    assert all(key in figures for key in keys), set(keys) - set(figures)
+    assert (tmp_path / "bench.md").read_text().count("\n| (") == rows
+    CHECKS[section](figures)
+
+
+def speed(figures: dict) -> None:
     positive = [figures["a_tutorial_s_per_epoch"]["median"], figures["b_ours_b64"]["speedup_vs_a"],
                 figures["d_ours_b256"]["floor_s"], figures["f_workers"]["speedup"],
                 figures["f_workers"]["steady_speedup"], figures["e_tracking_typical_trial"]["mlflow_s"]["median"],
@@ -28,30 +45,41 @@ def test_quick_bench_writes_every_figure(tmp_path):
                 figures["h_torchvision"]["probe_cached"]["images_per_s"], figures["h_torchvision"]["full"]["floor_s"]]
     assert all(math.isfinite(v) and v > 0 for v in positive), positive
     assert figures["g_pruning"]["epochs_with_pruner"]["median"] <= figures["g_pruning"]["epochs_without"]["median"]
-    md = (tmp_path / "bench.md").read_text()
+
+
+def startup(figures: dict) -> None:
     start = figures["i_startup"]
     assert 0 < start["to_first_trial_s"] < start["sweep_wall_s"] and start["import_profile_s"]["torch"] > 0
     assert all(v > 0 for v in start["instant_s"].values())
+
+
+def load(figures: dict) -> None:
     load = figures["j_load"]["simplenet"]["s"]
     assert set(load) == {"old_idle", "old_loaded", "new_idle", "new_loaded"} and all(v > 0 for v in load.values())
+
+
+def peer(figures: dict) -> None:
     peer = figures["k_peer"]  # `make test` installs optuna-integration for it, as `make bench` does
     assert peer["peer"]["trials"] == peer["ours"]["trials"] == peer["trials"] and peer["speedup_per_trial"] > 0
     assert peer["peer_holds"]["trial_runs"] == peer["ours_holds"]["trial_runs"] == peer["trials"]
     assert peer["ours_holds"]["nested"] and not peer["peer_holds"]["nested"]
-    assert figures["l_text"]["hf"]["trials"] == figures["l_text"]["ours"]["trials"] == figures["l_text"]["trials"]
-    assert md.count("\n| (") == 15 + 3 + 1 + 2 + 2 and "tutorial loop" in md and "resnet18 at 32 px" in md
 
 
-@pytest.mark.slow
-def test_the_text_peer_runs_the_same_trials_both_ways_and_counts_what_each_tree_holds(tmp_path):
+def methods(figures: dict) -> None:
+    methods = figures["m_methods"]  # LoRA trains a fraction of the tensors; the timings are ratios, not asserted
+    assert methods["lora"]["trainable_params"] < methods["full"]["trainable_params"] / 10
+    assert methods["lora_epoch_ratio"] > 0 and methods["lp_ft_trial_ratio"] > 0
+
+
+def text_peer(figures: dict) -> None:
     """Row (l) tiny: Trainer.hyperparameter_search and our sweep try the same 2 points on the same fortunes; the row
     says what each MLflow tree holds, so the trees are checked here: Trainer logs its arguments and the model's
     config in the first trial's run only and never the trial's frozen_layers, with no parent, artifacts or
     datasets; ours nests every trial under the study's run with its hyperparameters, checkpoint and data."""
-    from benchmarks.text_peer import text_figures, text_rows
+    from benchmarks.text_peer import text_rows
 
-    f = text_figures(tmp_path, quick=True)  # `make test` installs accelerate for it, as `make bench` does
-    assert "skipped" not in f, f.get("skipped")
+    f = figures["l_text"]
+    assert "skipped" not in f, f.get("skipped")  # accelerate is pinned in requirements.txt
     hf, ours = f["hf"], f["ours"]
     assert hf["trials"] == ours["trials"] == f["trials"] == 2 and hf["params"] == ours["params"]
     assert hf["epochs"] == ours["epochs"] == 2 * f["epochs"] and f["speedup_per_trial"] > 0
@@ -64,6 +92,9 @@ def test_the_text_peer_runs_the_same_trials_both_ways_and_counts_what_each_tree_
     assert th["artifacts_per_trial"] == th["datasets"] == 0 < to["artifacts_per_trial"] and to["datasets"] == 2
     rows = text_rows(f)
     assert len(rows) == 2 and "the trial's lr in 1 of 2, frozen_layers in 0 of 2" in rows[1][1]
+
+
+CHECKS = {"speed": speed, "startup": startup, "load": load, "peer": peer, "text": text_peer, "methods": methods}
 
 
 def test_the_text_peer_freezes_the_same_stages_as_ours():

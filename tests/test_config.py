@@ -27,6 +27,13 @@ MALFORMED = [
     ("search:\n  frozen_layers: {low: 0, high: 4}\n", "search.frozen_layers.high=4 but simplenet has 2"),
     ("pretrain: {classes: [0, 0, 1]}\n", "class ids repeat"),
     ("- just\n- a list\n", "expected a mapping"),
+    ("lora_rank: -4\n", "lora_rank: Input should be greater than or equal to 0"),
+    ("lr_decay: 0\n", "lr_decay: Input should be greater than 0"),
+    ("lr_decay: 1.5\n", "lr_decay: Input should be less than or equal to 1"),
+    ("search:\n  lr_decay: {low: 0.5, high: 2}\n", "search.lr_decay: 2.0 is not a value `lr_decay` accepts"),
+    ("epochs: 3\nlp_epochs: 3\n", "lp_epochs=3 leaves no epoch to fine-tune in (epochs=3"),
+    ("search:\n  lp_epochs: {low: 0, high: 10}\n", "lp_epochs=10 leaves no epoch to fine-tune in (epochs=10"),
+    ("lora_rank: 8\nfrozen_layers: 2\n", "LoRA adapts the unfrozen stages, but frozen_layers=2 freezes every stage"),
 ]
 
 

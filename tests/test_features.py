@@ -1,13 +1,11 @@
 """The frozen-feature cache gives the same training as the uncached path, and is shared through the disk."""
 import pytest
+from helpers import untimed
 
 from fine_tune.learn import checkpoints, features
 from fine_tune.learn.data import splits_for
 from fine_tune.learn.train import train
 
-
-def untimed(d):
-    return {k: v for k, v in d.items() if not k.startswith("time/")}
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -17,6 +17,10 @@ from fine_tune.study.sweep import run_sweep
 from fine_tune.track import provenance
 
 
+# module fixtures: the file's tests run in one of `make test`'s processes (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_provenance")
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_backbone):
     env = pytest.MonkeyPatch()

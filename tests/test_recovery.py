@@ -8,15 +8,12 @@ import mlflow
 import optuna
 import pytest
 import sqlalchemy
-from helpers import cli_env, runs_of, study_in, wait_for, write_experiment
+from helpers import cli_env, runs_of, study_in, untimed, wait_for, write_experiment
 
 from fine_tune.learn.data import splits_for
 from fine_tune.learn.train import train
 from fine_tune.track.stores import optuna_storage
 
-
-def untimed(d):
-    return {k: v for k, v in d.items() if not k.startswith("time/")}
 
 
 def test_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path):

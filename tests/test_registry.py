@@ -65,6 +65,10 @@ def sqlite_uri(runs_dir) -> str:
     return f"sqlite:///{Path(runs_dir).resolve()}/mlflow.db"
 
 
+# module fixtures: the file's tests run in one of `make test`'s processes (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_registry")
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_backbone):
     """A finished two-trial sweep and its registered champion."""

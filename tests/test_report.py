@@ -28,6 +28,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
+# module fixtures: the file's tests run in one of `make test`'s processes (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_report")
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_backbone):
     """Study rep-a (4 trials, its top two re-run with 2 more seeds each) and rep-b (3 trials), one runs dir."""

@@ -15,7 +15,8 @@ from analysis.__main__ import main
 from fine_tune.study.sweep import run_sweep
 from fine_tune.track.stores import tracking_uri
 
-pytestmark = pytest.mark.slow
+# module fixtures: the file's tests run in one of `make test`'s processes (pytest-xdist, --dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_report_claims")]
 
 SEARCH = {"lr": {"low": 1e-3, "high": 3e-2, "log": True}, "frozen_layers": {"low": 0, "high": 2},
           "head_size": [0, 16, 32]}

@@ -68,6 +68,10 @@ def test_rerun_finds_your_own_checkpoint_by_hash_at_this_machines_path_only(tmp_
     assert list(runs[runs["tags.fine_tune.rerun_of"] == run_id]["params.pretrained"]) == [str(mine)]
 
 
+# module fixtures: the file's tests run in one of `make test`'s processes (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_rerun")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone):
     """One tracked `train` run on the tiny task, and this machine's config (the same runs_dir)."""

@@ -22,7 +22,7 @@ def test_every_hyperparameter_is_searchable_as_a_range_or_choices():
     assert list(s.dimensions()) == ["lr", "frozen_layers", "head_size", "weight_decay", "epochs", "patience"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
-        params = suggest(study.ask(), s)
+        params = suggest(study.ask(), Config(search=s))
         assert 1e-4 <= params["lr"] <= 1e-1 and params["frozen_layers"] in (0, 1, 2)
         assert params["head_size"] in (0, 32) and params["weight_decay"] in (0.0, 1e-4)
         assert 5 <= params["epochs"] <= 30 and params["patience"] in (3, 8)
@@ -40,7 +40,7 @@ def test_grid_points():
     sampler = make_sampler(cfg)
     study = optuna.create_study(sampler=sampler)
     seen = []
-    study.optimize(lambda trial: seen.append(tuple(sorted(suggest(trial, cfg.search).items()))) or 0.0)
+    study.optimize(lambda trial: seen.append(tuple(sorted(suggest(trial, cfg).items()))) or 0.0)
     assert len(seen) == len(set(seen)) == 10  # every grid point once, then the sampler stops: 5 lr x 2 heads
 
 

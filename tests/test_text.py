@@ -77,6 +77,28 @@ def test_the_frozen_encoder_is_cached_and_gives_the_same_result_as_running_it(tm
     assert probe.metrics["trainable_params"] == 384 * 4 + 4  # the head alone
 
 
+def test_lora_and_lp_ft_adapt_the_text_encoder_and_merge_back_into_plain_layers(tmp_path):
+    """LoRA on the query and value projections of MiniLM's last two stages, after an LP-FT head-only epoch: a small
+    fraction of the parameters trains, the frozen stages stay cached, and the merged model (what a champion serves)
+    gives the adapted model's logits."""
+    from fine_tune.learn import lora
+
+    cfg = text_config(tmp_path, frozen_layers=3, lora_rank=4, lora_targets=["query", "value"], epochs=2, lp_epochs=1,
+                      lr=1e-3, lp_lr=1e-2)
+    splits = splits_for(cfg)
+    result = train(cfg, splits, backbone_for(cfg, log=lambda s: None))
+    adapted = 3 * 2 * (4 * 384 + 384 * 4)  # stages 4-5 hold blocks 4-6: their query and value, A 4x384 and B 384x4
+    assert result.metrics["trainable_params"] == adapted + 384 * 4 + 4
+    assert [h["train/head_only"] for h in result.history] == [1.0, 0.0]
+    model = result.model.eval()
+    x = splits.test.x[:8]
+    with torch.no_grad():
+        before = model(x)
+        after = lora.merged(model)(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert result.metrics["test/accuracy"] > 0.25  # above chance on four topics
+
+
 def test_the_packaged_minilm_is_the_real_one(tmp_path):
     model = build_model(MINILM, 2)
     encoder_params = sum(p.numel() for p in model.backbone.parameters())

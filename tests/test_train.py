@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import untimed
 
 from fine_tune.learn import checkpoints
 from fine_tune.learn.data import splits_for
@@ -45,9 +46,6 @@ def test_same_config_and_seed_give_the_same_metrics(tiny):
     cfg = tiny(epochs=2)
     splits = splits_for(cfg)
     a, b = train(cfg, splits), train(cfg, splits)
-
-    def untimed(d):
-        return {k: v for k, v in d.items() if not k.startswith("time/")}
 
     assert [untimed(h) for h in a.history] == [untimed(h) for h in b.history]
     assert untimed(a.metrics) == untimed(b.metrics)

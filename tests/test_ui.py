@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis.__main__ import main as analysis_main
 
-pytestmark = pytest.mark.slow
+# module fixtures: the file's tests run in one of `make test`'s processes (pytest-xdist, --dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_ui")]
 
 
 @pytest.fixture(scope="module")

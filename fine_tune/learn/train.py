@@ -18,10 +18,12 @@ import torch.nn.functional as F
 
 from fine_tune.archs import SMALL
 from fine_tune.config import Config
-from fine_tune.learn import checkpoints, threads
+from fine_tune.errors import CheckpointError
+from fine_tune.learn import checkpoints, lora, threads
 from fine_tune.learn.data import Split, Splits
 from fine_tune.learn.device import pick_device
 from fine_tune.learn.features import frozen_features
+from fine_tune.learn.memory import PeakMemory
 from fine_tune.learn.metrics import accuracy, confusion, macro_f1, per_class_report
 from fine_tune.learn.models import Net, build_model, count_params, inference_batch
 
@@ -85,13 +87,29 @@ def scores(prefix: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, flo
 
 
 def prepare_model(cfg: Config, num_classes: int, backbone: str | None = None) -> Net:
-    """The model a config describes, its backbone loaded from `backbone` when given, its first layers frozen."""
+    """The model a config describes, its backbone loaded from `backbone` when given, its first layers frozen, LoRA's
+    adapters on the rest when `lora_rank` is set (the same model, with the same tensor names, that a run's checkpoint
+    holds: the registry rebuilds it with this)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, cfg.head_size, image_size=cfg.input_size(), pooling=cfg.pooling,
                         initialised=backbone is None)
     if backbone:
         checkpoints.load_backbone(model, backbone)
-    return model.freeze(cfg.frozen_layers)
+    model.freeze(cfg.frozen_layers)
+    return lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else model
+
+
+def optimizer_for(cfg: Config, model: Net, device: torch.device, head_only: bool = False) -> torch.optim.Optimizer:
+    """Adam over what trains: the head at `lr` (`lp_lr` in LP-FT's head-only phase), backbone stage i of n at
+    lr x lr_decay^(n - i): layer-wise decay, since the stages nearest the input hold the most general features.
+    Fused: it updates all parameters in one kernel, a quarter of the step time on small models (make bench)."""
+    n = len(model.backbone)
+    groups = [] if head_only else [
+        {"params": params, "lr": cfg.lr * cfg.lr_decay ** (n - i)} for i, stage in enumerate(model.backbone)
+        if (params := [p for p in stage.parameters() if p.requires_grad])]
+    groups.append({"params": [p for p in model.head.parameters() if p.requires_grad],
+                   "lr": (cfg.lp_lr or cfg.lr) if head_only else cfg.lr})
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 PREPARED_MAX_BYTES = 2**30
@@ -111,13 +129,32 @@ def prepared(model: Net, splits: Splits, device: torch.device) -> Splits:
 
 
 def trainable_state(model: Net) -> dict:
-    """The model's state dict with every tensor training can change copied, and the frozen stages' shared: they
+    """The model's state dict with every tensor training can change copied (trained weights, normalisation
+    statistics), and the fixed weights shared: the frozen stages' and, under LoRA, the adapted layers' own; they
     cannot change during the run (a frozen text encoder's 22M weights were copied at every best epoch)."""
-    frozen = tuple(f"backbone.{i}." for i in range(model.frozen))
-    state = model.state_dict()
-    copy = type(state)((k, v if k.startswith(frozen) else v.detach().clone()) for k, v in state.items())
+    state = model.state_dict(keep_vars=True)
+    fixed = {id(p) for p in model.parameters() if not p.requires_grad}
+    copy = type(state)((k, v.detach() if id(v) in fixed else v.detach().clone()) for k, v in state.items())
     copy._metadata = getattr(state, "_metadata", None)
     return copy
+
+
+def changing(model: Net, state: dict) -> dict:
+    """The entries of a state dict of `model` that training can change: what a resumable state must save (the fixed
+    weights come back from the backbone when the run is set up again: a text encoder's 90 MB, written every few
+    seconds twice over, was most of what a trial wrote)."""
+    fixed = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return type(state)((k, v) for k, v in state.items() if k not in fixed)
+
+
+def completed(model: Net, state: dict) -> dict:
+    """A state dict saved by `changing`, completed with the model's fixed weights (as set up: they never change)."""
+    whole = model.state_dict()
+    missing = set(whole) - set(state) - {name for name, p in model.named_parameters() if not p.requires_grad}
+    if missing:
+        raise CheckpointError(f"the saved state of this run lacks {sorted(missing)[:3]}; delete it to start the run "
+                              "over")
+    return {**whole, **state}
 
 
 def cloned(state):
@@ -173,21 +210,26 @@ class Resumable:
         self.latest: dict | None = None
         self.saved_at = time.monotonic()
 
-    def restore(self, model: Net, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> Progress:
+    def restore(self, model: Net, gen: torch.Generator) -> tuple[Progress, dict | None]:
+        """The progress saved at `path` (weights and batch order restored into `model` and `gen`) and the optimizer's
+        state, which the caller loads into the optimizer of the phase the run resumes in."""
         if self.path is None or not Path(self.path).is_file():
-            return Progress()
+            return Progress(), None
         st = checkpoints.load_any(self.path)
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
+        model.load_state_dict(completed(model, st["model"]))
         gen.set_state(st["generator"])
-        return Progress(**{f.name: st[f.name] for f in fields(Progress)})
+        progress = Progress(**{f.name: st[f.name] for f in fields(Progress)})
+        if progress.best_state is not None:
+            progress.best_state = completed(model, progress.best_state)
+        return progress, st["optimizer"]
 
     def keep(self, model: Net, optimizer: torch.optim.Optimizer, gen: torch.Generator, progress: Progress) -> None:
         if self.path is None:
             return
-        self.latest = {"model": trainable_state(model), "optimizer": cloned(optimizer.state_dict()),
+        self.latest = {"model": changing(model, trainable_state(model)), "optimizer": cloned(optimizer.state_dict()),
                        "generator": gen.get_state(), **{f.name: getattr(progress, f.name) for f in fields(Progress)},
-                       "history": list(progress.history)}
+                       "history": list(progress.history),
+                       "best_state": changing(model, progress.best_state) if progress.best_state else None}
         if time.monotonic() - self.saved_at >= self.every_s:
             checkpoints.save(self.latest, self.path)
             self.saved_at = time.monotonic()
@@ -199,18 +241,23 @@ class Resumable:
                 checkpoints.save(self.latest, self.path)
 
 
-def setup(cfg: Config, splits: Splits, backbone: str | None, device: torch.device) -> tuple[Net, Splits, int]:
+def setup(cfg: Config, splits: Splits, backbone: str | None,
+          device: torch.device) -> tuple[Net, Splits, int, Splits | None]:
     """The model on `device` and the splits it trains on: the frozen layers' outputs when they are cached (computed
-    once: they cannot change during the run), else the images scaled once. Returns the model, the splits and the
-    stage the forward pass starts at."""
+    once: they cannot change during the run), else the images scaled once. Returns the model, the splits, the stage
+    the forward pass starts at, and for LP-FT the whole backbone's outputs, which its head-only phase trains on."""
     model = prepare_model(cfg, len(splits.class_names), backbone).to(device)
     if device.type == "cuda" and cfg.model not in SMALL:
         model = model.to(memory_format=torch.channels_last)  # convolutions' fast layout on GPUs
+    weights = checkpoints.file_sha256(backbone) if backbone else None  # the frozen layers' weights, named
+    # the backbone's outputs before any training: the same features (and cache entry) a probe trial uses; LoRA's
+    # adapters start at zero, so they change nothing yet
+    probe = (frozen_features(model, len(model.backbone), splits, device, cfg.run_dir() / "feature_cache", weights)
+             if cfg.lp_epochs else None)
     if cfg.cache_features and cfg.frozen_layers > 0:
-        weights = checkpoints.file_sha256(backbone) if backbone else None  # the frozen layers' weights, named
         return model, frozen_features(model, cfg.frozen_layers, splits, device, cfg.run_dir() / "feature_cache",
-                                      weights), cfg.frozen_layers
-    return model, prepared(model, splits, device), 0
+                                      weights), cfg.frozen_layers, probe
+    return model, prepared(model, splits, device), 0, probe
 
 
 def train_epoch(cfg: Config, model: Net, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -246,31 +293,42 @@ def train(cfg: Config, splits: Splits, backbone: str | None = None, tracker: Tra
     tracker = tracker or NullTracker()
     n_threads = threads.apply(cfg)
     device = pick_device(cfg.device)
-    model, splits, start = setup(cfg, splits, backbone, device)
-    tracker.log_params({"trainable_params": count_params(model)})
-    # fused Adam updates all parameters in one kernel: a quarter of the step time on small models (make bench)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    if cfg.lora_rank:
+        lora.warm_up()
+    memory = PeakMemory(device)
+    model, splits, start, probe = setup(cfg, splits, backbone, device)
+    tracker.log_params({"trainable_params": count_params(model), "method": cfg.method()})
     # A dedicated generator makes the batch order depend on the seed alone, not on what ran before.
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
     state = Resumable(state_path, state_every_s)
-    progress = state.restore(model, optimizer, gen)
+    progress, optimizer_state = state.restore(model, gen)
+    probing = len(progress.history) < cfg.lp_epochs  # LP-FT's first phase: the head alone, on the backbone's output
+    optimizer = optimizer_for(cfg, model, device, head_only=probing)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    data, at = (probe, len(model.backbone)) if probing else (splits, start)
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
     try:
         for epoch in range(len(progress.history) + 1, cfg.epochs + 1):
+            if probing and epoch > cfg.lp_epochs:  # LP-FT: the head is probed; fine-tune from it, patience anew
+                probing, progress.stale = False, 0
+                optimizer, data, at = optimizer_for(cfg, model, device), splits, start
+                train_x, train_y = data.train.x.to(device), data.train.y.to(device)
             if cfg.patience is not None and progress.stale >= cfg.patience:
                 break  # early stop; checked first, so a run resumed after its last epoch does not train on
             # --- train, then validate: validation is the only thing that drives decisions
             started = time.perf_counter()
-            train_loss = train_epoch(cfg, model, optimizer, train_x, train_y, start, gen)
+            train_loss = train_epoch(cfg, model, optimizer, train_x, train_y, at, gen)
             train_pass = time.perf_counter() - started
             if not math.isfinite(train_loss):
                 return Result("diverged", {}, progress.history, class_names=splits.class_names,
                               best_epoch=progress.best_epoch, message=f"loss became {train_loss} in epoch {epoch} "
                                                                       f"(lr={cfg.lr:g}); lower the learning rate")
-            val_loss, val_pred = evaluate(model, splits.val, device, start)
-            metrics = {"train/loss": train_loss, "val/loss": val_loss, **scores("val", splits.val.y.numpy(), val_pred),
+            val_loss, val_pred = evaluate(model, data.val, device, at)
+            metrics = {"train/loss": train_loss, "val/loss": val_loss, **scores("val", data.val.y.numpy(), val_pred),
                        "time/epoch_s": time.perf_counter() - started, "time/train_pass_s": train_pass}
+            if cfg.lp_epochs:
+                metrics["train/head_only"] = float(probing)  # where LP-FT's phases meet, on the run's one curve
             tracker.log_metrics(metrics, step=epoch)
             progress.update(metrics, model)
             state.keep(model, optimizer, gen, progress)
@@ -282,16 +340,19 @@ def train(cfg: Config, splits: Splits, backbone: str | None = None, tracker: Tra
     except KeyboardInterrupt:
         state.save_now()
         raise
-    return finished(model, splits, progress, test_pred, n_threads)
+    return finished(model, splits, progress, test_pred, n_threads, memory.mb())
 
 
-def finished(model: Net, splits: Splits, progress: Progress, test_pred: np.ndarray, n_threads: int) -> Result:
+def finished(model: Net, splits: Splits, progress: Progress, test_pred: np.ndarray, n_threads: int,
+             peak_mb: float | None = None) -> Result:
     """A finished run's result: the best epoch's val metrics, the test metrics, per-class scores and the model."""
     y_test = splits.test.y.numpy()
     report = per_class_report(y_test, test_pred, splits.class_names)
     metrics = reached(progress.history) | scores("test", y_test, test_pred)
     metrics |= {"trainable_params": count_params(model), "threads": n_threads,
                 "time/train_s": sum(h["time/epoch_s"] for h in progress.history)}
+    if peak_mb is not None:
+        metrics["memory/peak_mb"] = peak_mb
     return Result("finished", metrics, progress.history,
                   per_class_f1={name: report[name]["f1-score"] for name in splits.class_names}, report=report,
                   confusion=confusion(y_test, test_pred, len(splits.class_names)).tolist(),

@@ -10,14 +10,21 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from fine_tune.config import Config, SearchSpace
+from fine_tune.config import Config, Hyperparameters, SearchSpace, applies
 from fine_tune.errors import ConfigError
 from fine_tune.track.stores import trial_counts
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """Sample every hyperparameter named in `search:`; the rest stay at the config's values."""
-    return {name: dim.suggest(trial, name) for name, dim in space.dimensions().items()}
+def suggest(trial: optuna.Trial, cfg: Config) -> dict[str, Any]:
+    """Every hyperparameter of a trial: sampled when named in `search:`, else the config's value; one that does not
+    apply given those before it (LoRA on a probe) is not sampled and gets its off value."""
+    values, dims = cfg.model_dump(include=set(Hyperparameters.model_fields)), cfg.search.dimensions()
+    for name, field in Hyperparameters.model_fields.items():  # in definition order: what a rule reads comes first
+        if not applies(name, values):
+            values[name] = field.default
+        elif name in dims:
+            values[name] = dims[name].suggest(trial, name)
+    return values
 
 
 class _Distributions:

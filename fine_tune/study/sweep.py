@@ -102,7 +102,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         self.on_start()  # the trial exists in the storage now: other workers may claim theirs
         cfg, objective = self.inputs.cfg, self.inputs.cfg.sweep.objective
-        trial_cfg = Config.model_validate({**cfg.model_dump(), **suggest(trial, cfg.search)})
+        trial_cfg = Config.model_validate({**cfg.model_dump(), **suggest(trial, cfg)})
         attempt = Attempt(trial, self.state_dir, objective)
         try:
             result, _ = train_in_run(

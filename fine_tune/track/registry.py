@@ -55,22 +55,22 @@ def _value(version) -> float:
 
 
 def _trial_model(client, run_id: str):
-    """The trial's best-epoch model rebuilt from its artifacts, and its resolved config."""
+    """The trial's best-epoch model rebuilt from its artifacts (LoRA's adapters merged), and its resolved config."""
     import yaml
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from fine_tune.config import Config
-    from fine_tune.learn import checkpoints
-    from fine_tune.learn.models import build_model
+    from fine_tune.learn import checkpoints, lora
+    from fine_tune.learn.train import prepare_model
 
     repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config.model_validate(yaml.safe_load(Path(repo.download_artifacts("config.yaml", tmp)).read_text()))
         state = checkpoints.load(repo.download_artifacts("checkpoint/best.pt", tmp))
     num_classes = state[[k for k in state if k.startswith("head.")][-1]].shape[0]
-    model = build_model(cfg.model, num_classes, cfg.head_size, image_size=cfg.input_size(), pooling=cfg.pooling)
+    model = prepare_model(cfg, num_classes)  # with LoRA's adapters when the trial had them, as its checkpoint does
     model.load_state_dict(state)
-    return model.eval(), cfg
+    return lora.merged(model).eval(), cfg  # served without peft: each adapter folded into its layer
 
 
 # --- a registration killed midway: the logged model it left, the run an older one left RUNNING

@@ -118,7 +118,8 @@ class RunTracker:
         import torch
 
         self.log_reached(result.metrics)
-        final = {k: v for k, v in result.metrics.items() if k.startswith("test/") or k == "threads"}
+        final = {k: v for k, v in result.metrics.items()
+                 if k.startswith(("test/", "memory/")) or k in ("threads", "trainable_params")}
         keys = metric_keys("test/f1/", list(result.per_class_f1))
         final |= {keys[n]: f for n, f in result.per_class_f1.items()}
         self._buffer(final, step=0)
