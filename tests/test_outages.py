@@ -22,6 +22,10 @@ from test_scaleout import PG, postgres_or_fail
 from fine_tune.errors import StorageError
 from fine_tune.track.outages import storage_lost
 
+# one PostgreSQL server with a bounded number of connections: its tests run in one of `make test`'s processes
+# (shared with test_scaleout: their workers and servers open many connections each)
+pytestmark = pytest.mark.xdist_group("postgres")
+
 
 @pytest.fixture
 def database():
@@ -230,8 +234,9 @@ def test_a_full_disk_ends_the_sweep_in_one_true_line_and_the_next_sweep_recovers
         [state for state in local_trials(small_disk) if state == "RUNNING"]
     if left:  # the stores on the full disk could not record their end: the message says so, and who closes them
         assert "left RUNNING (the next sweep closes it and re-queues the trial)" in errors[0], (left, errors)
-    else:
-        assert "runs in progress were closed" in errors[0]
+    else:  # everything was closed: either line is true ("what the stores could not record ... is left RUNNING" is
+        # said when a store refused a write; its closing writes may still have gone through, as here)
+        assert "runs in progress were closed" in errors[0] or "what the stores could not record as ended" in errors[0]
     filler.unlink()
     proc, out = start(tmp_path)
     assert proc.wait(timeout=900) == 0, out.read_text()[-3000:]

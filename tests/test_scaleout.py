@@ -16,6 +16,9 @@ from helpers import cli_env, free_port, study_in, wait_for, write_experiment
 from mlflow.tracking import MlflowClient
 
 PG = "postgresql://127.0.0.1:5432"
+# one PostgreSQL server with a bounded number of connections: its tests run in one of `make test`'s processes
+# (test_scaleout and test_outages share the group, as their workers and servers open many connections each)
+pytestmark = pytest.mark.xdist_group("postgres")
 
 
 def sweep(tmp_path, *args, timeout=600, **env):
