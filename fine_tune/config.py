@@ -229,10 +229,10 @@ class Config(Hyperparameters):
             raise ValueError(f"lora_rank={self.lora_rank}: LoRA adapts the unfrozen stages, but frozen_layers="
                              f"{self.frozen_layers} freezes every stage of {self.model}; lower frozen_layers or set "
                              "lora_rank: 0")
-        lp = max(self._values("lp_epochs"))
-        if lp and lp >= min(self._values("epochs")):
-            raise ValueError(f"lp_epochs={lp} leaves no epoch to fine-tune in (epochs={min(self._values('epochs'))}, "
-                             "the probe phase included); keep lp_epochs below epochs")
+        lp, epochs = max(self.trial_values("lp_epochs")), min(self.trial_values("epochs"))
+        if lp and lp >= epochs:
+            raise ValueError(f"lp_epochs={lp} leaves no epoch to fine-tune in (epochs={epochs}, the probe phase "
+                             "included); keep lp_epochs below epochs")
         if self.weights and self.pretrain is not None and not self.pretrained:
             raise ValueError("weights and pretrain both choose the backbone's starting weights; keep one")
         if self.data.kind == "fashion_mnist":  # its sizes are known before any image is read
@@ -257,7 +257,7 @@ class Config(Hyperparameters):
                                  "pretrain.holdout_per_class")
         return self
 
-    def _values(self, name: str) -> list:
+    def trial_values(self, name: str) -> list:
         """Every value of hyperparameter `name` a run may get: the searched ones' bounds or choices, else its own."""
         dim = getattr(self.search, name) if self.search else None
         return dim.values() if dim is not None else [getattr(self, name)]

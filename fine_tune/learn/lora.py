@@ -51,9 +51,9 @@ def check(cfg) -> None:
     """Refuse, before anything is written, LoRA that would adapt nothing: for each model a run may get, its unfrozen
     stages at the fewest frozen ones searched must hold a layer `lora_targets` names (models built on the meta
     device: no weights, no time)."""
-    if not any(cfg._values("lora_rank")):
+    if not any(cfg.trial_values("lora_rank")):
         return
-    frozen = min(cfg._values("frozen_layers"))
+    frozen = min(cfg.trial_values("frozen_layers"))
     for variant in cfg.trial_variants():
         model = _skeleton(variant.model, variant.input_size())
         if frozen < len(model.backbone) and not targets(model, frozen, cfg.lora_targets):
