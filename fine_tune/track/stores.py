@@ -237,12 +237,8 @@ def optuna_storage(url: str, heartbeat: int = 10, grace: int = 30,
     else:
         from fine_tune.track.outages import PatientStorage
 
-        # a connection the server dropped while it sat in the pool is replaced before use (pool_pre_ping); a process
-        # uses at most two at once (its trial's and the heartbeat thread's), and SQLAlchemy's default pool (5, and 10
-        # more under load) per process let four workers, their launcher and an MLflow server take all of
-        # PostgreSQL's 100 connections ("too many clients", seen in make test on a loaded machine)
-        make = functools.partial(PatientStorage, patience_s=patience_s, log=log)
-        kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
+        # a connection the server dropped while it sat in the pool is replaced before use (pool_pre_ping)
+        make, kwargs = functools.partial(PatientStorage, patience_s=patience_s, log=log), {"pool_pre_ping": True}
     try:
         with quiet_experimental():
             storage = make(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace,
