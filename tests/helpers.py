@@ -1,4 +1,5 @@
 """What several test files share: the tiny real-data configs, the tiny sweep, and how a test runs the CLI."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ from typing import Callable
 
 import mlflow
 import optuna
+import pytest
 
 from fine_tune.config import Config
 from fine_tune.track.stores import optuna_storage
@@ -39,6 +41,16 @@ def wait_for(check: Callable[[], object], proc: subprocess.Popen | None = None, 
         if time.monotonic() > deadline:
             raise AssertionError(f"no progress to {what} in {bound_s:.0f} s")
         time.sleep(every_s)
+
+
+@contextlib.contextmanager
+def own_stores():
+    """The default stores (under the runs dir) for a module-scoped fixture, which conftest's per-test `default_stores`
+    does not cover: a user's OPTUNA_STORAGE / MLFLOW_TRACKING_URI set aside meanwhile."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("OPTUNA_STORAGE", raising=False)
+        yield
 
 
 def untimed(metrics: dict) -> dict:

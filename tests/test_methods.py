@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import SEARCH, runs_of, tiny_sweep
+from helpers import SEARCH, own_stores, runs_of, tiny_sweep
 from mlflow.tracking import MlflowClient
 
 from fine_tune.config import Config
@@ -37,9 +37,7 @@ pytestmark = pytest.mark.xdist_group("test_methods")
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_backbone):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("OPTUNA_STORAGE", raising=False)
+    with own_stores():
         cfg = tiny_sweep(tmp_path_factory.mktemp("methods") / "runs", tiny_backbone[0], study="methods",
                          n_trials=len(ENQUEUED) + 1, search=METHODS)
         study = optuna.create_study(study_name=cfg.study, storage=optuna_storage(optuna_url(cfg.runs_dir)),

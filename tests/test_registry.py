@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, cli_env, runs_of, tiny_sweep, wait_for, write_experiment
+from helpers import ROOT, cli_env, own_stores, runs_of, tiny_sweep, wait_for, write_experiment
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
@@ -72,9 +72,7 @@ pytestmark = pytest.mark.xdist_group("test_registry")
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_backbone):
     """A finished two-trial sweep and its registered champion."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("OPTUNA_STORAGE", raising=False)
+    with own_stores():
         cfg = tiny_sweep(tmp_path_factory.mktemp("registry") / "runs", tiny_backbone[0], n_trials=2)
         study = run_sweep(cfg, progress=False, log=lambda s: None)
     return cfg, study, MlflowClient(sqlite_uri(cfg.runs_dir))

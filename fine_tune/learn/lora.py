@@ -57,13 +57,12 @@ def check(cfg) -> None:
     for variant in cfg.trial_variants():
         model = _skeleton(variant.model, variant.input_size())
         if frozen < len(model.backbone) and not targets(model, frozen, cfg.lora_targets):
-            model.frozen = frozen
-            raise ConfigError(_nothing_to_adapt(model, cfg.lora_targets))
+            raise ConfigError(_nothing_to_adapt(model, frozen, cfg.lora_targets))
 
 
-def _nothing_to_adapt(model: nn.Module, patterns: list[str] | None) -> str:
+def _nothing_to_adapt(model: nn.Module, frozen: int, patterns: list[str] | None) -> str:
     scope = f"layers named {patterns}" if patterns else "Linear or convolution layers"
-    return (f"lora_rank: {model.arch}'s unfrozen stages ({model.frozen + 1}-{len(model.backbone)}) have no {scope} to "
+    return (f"lora_rank: {model.arch}'s unfrozen stages ({frozen + 1}-{len(model.backbone)}) have no {scope} to "
             "adapt; lower frozen_layers, change lora_targets (`python -m fine_tune models --layers` lists the names), "
             "or set lora_rank: 0")
 
@@ -75,7 +74,7 @@ def adapt(model: nn.Module, rank: int, alpha: float | None, patterns: list[str] 
 
     names = targets(model, model.frozen, patterns)
     if not names:
-        raise ConfigError(_nothing_to_adapt(model, patterns))
+        raise ConfigError(_nothing_to_adapt(model, model.frozen, patterns))
     # dropout 0: a trial's result then depends on its seed alone, as every other run's does
     LoraModel(model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=names, lora_dropout=0.0,
                                 bias="none"), "default")

@@ -132,25 +132,29 @@ def trainable_state(model: Net) -> dict:
     """The model's state dict with every tensor training can change copied (trained weights, normalisation
     statistics), and the fixed weights shared: the frozen stages' and, under LoRA, the adapted layers' own; they
     cannot change during the run (a frozen text encoder's 22M weights were copied at every best epoch)."""
-    state = model.state_dict(keep_vars=True)
-    fixed = {id(p) for p in model.parameters() if not p.requires_grad}
-    copy = type(state)((k, v.detach() if id(v) in fixed else v.detach().clone()) for k, v in state.items())
+    fixed = fixed_names(model)
+    copy = type(state := model.state_dict())((k, v if k in fixed else v.detach().clone()) for k, v in state.items())
     copy._metadata = getattr(state, "_metadata", None)
     return copy
+
+
+def fixed_names(model: Net) -> set[str]:
+    """The state-dict names of the weights training cannot change: those without gradients."""
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
 
 
 def changing(model: Net, state: dict) -> dict:
     """The entries of a state dict of `model` that training can change: what a resumable state must save (the fixed
     weights come back from the backbone when the run is set up again: a text encoder's 90 MB, written every few
     seconds twice over, was most of what a trial wrote)."""
-    fixed = {name for name, p in model.named_parameters() if not p.requires_grad}
+    fixed = fixed_names(model)
     return type(state)((k, v) for k, v in state.items() if k not in fixed)
 
 
 def completed(model: Net, state: dict) -> dict:
     """A state dict saved by `changing`, completed with the model's fixed weights (as set up: they never change)."""
     whole = model.state_dict()
-    missing = set(whole) - set(state) - {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = set(whole) - set(state) - fixed_names(model)
     if missing:
         raise CheckpointError(f"the saved state of this run lacks {sorted(missing)[:3]}; delete it to start the run "
                               "over")
