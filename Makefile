@@ -12,9 +12,9 @@ DASHBOARD_PORT ?= 8080
 MLFLOW_TRACKING_URI ?= sqlite:///runs/mlflow.db
 OPTUNA_STORAGE ?= sqlite:///runs/optuna.db
 WORKERS ?=
-# `make test`: processes sharing out the tests (a file with module fixtures stays in one: xdist_group). 2 halves the
-# time on 2 cores, but the four-worker PostgreSQL test then once exceeded the server's 100 connections: 1 for CI.
-TEST_WORKERS ?= 1
+# `make test`: processes sharing out the tests (a file with module fixtures, and the PostgreSQL tests, each stay in one:
+# xdist_group); one per core halves the time on 2 cores.
+TEST_WORKERS ?= 2
 STUDY ?=
 STUDIES ?=
 TOP_K ?= 3

@@ -315,13 +315,13 @@ def speed_figures(experiment: Config, quick: bool, log: Callable[[str], None], s
 
     tbackbone = backbone_for(transfer, log=lambda s: None)
     trial_cfg = transfer.model_copy(update={"lr": 2.6e-3, "frozen_layers": 0, "head_size": 64})
-    figures["e_tracking_typical_trial"] = tracking_overhead(trial_cfg, tsplits, tbackbone, 3 if quick else 15)
+    figures["e_tracking_typical_trial"] = tracking_overhead(trial_cfg, tsplits, tbackbone, 2 if quick else 15)
     figures["e_tracking_full_trial"] = tracking_overhead(full.model_copy(update={"epochs": 2 if quick else 10}),
                                                          splits, None, 2 if quick else 3)
     log(f"(e) tracking overhead: typical trial {figures['e_tracking_typical_trial']['overhead_pct']:.1f}%, "
         f"full-data trial {figures['e_tracking_full_trial']['overhead_pct']:.1f}%")
 
-    n_trials = 6 if quick else 24
+    n_trials = 4 if quick else 24  # --quick: two trials per worker, enough to run every figure once
     one, two = [], []  # each round's sweep figures
     for r in range(1 if quick else 3):
         same = sampled_params(transfer, n_trials, seed=r)  # every sweep of this round runs exactly these trials

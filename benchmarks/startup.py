@@ -68,7 +68,7 @@ def import_profile(experiment: Path, runs_dir: Path, study: str, top: int = 8) -
 
 
 def startup_figures(experiment: Path, quick: bool) -> dict:
-    repeats = 2 if quick else 5
+    repeats = 1 if quick else 5  # --quick: each figure once, a smoke test of the measurement
     bad = Path(tempfile.mkdtemp(prefix="bench-bad-")) / "bad.yaml"
     bad.write_text("lr: [1\n")
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:

@@ -15,6 +15,17 @@ from fine_tune.config import Config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def grouped(request):
+    """`make test`'s processes (xdist --dist loadgroup) keep each xdist_group in one process by suffixing the node ids
+    of its tests with the group's name: a module fixture is built once, PostgreSQL's tests run one at a time. A
+    pytest whose node ids ignore that suffix (9.2: pytest-dev/pytest-xdist#1386) would share them out silently."""
+    if (getattr(request.config.option, "loadgroup", False) and request.node.get_closest_marker("xdist_group")
+            and "@" not in request.node.nodeid):
+        pytest.fail(f"xdist_group is ignored by this pytest ({pytest.__version__}): install requirements.txt's pins, "
+                    "or run with -n 0", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
 def default_stores(monkeypatch):
     """A user's OPTUNA_STORAGE / MLFLOW_TRACKING_URI must not leak into a test: each one's stores are its own."""
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)

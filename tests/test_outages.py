@@ -4,7 +4,6 @@ for a while, one that stays away, and a disk that fills up under the local store
 The PostgreSQL tests use a database of their own on the shared server (never the server itself): its connections are
 dropped with pg_terminate_backend, and "away" is ALLOW_CONNECTIONS false on that database.
 """
-import functools
 import os
 import sqlite3
 import subprocess
@@ -17,7 +16,7 @@ import optuna
 import pytest
 import sqlalchemy
 from helpers import cli_env, wait_for, write_experiment
-from test_scaleout import PG, postgres_or_fail
+from test_scaleout import PG, pg_storage, postgres_or_fail
 
 from fine_tune.errors import StorageError
 from fine_tune.track.outages import storage_lost
@@ -75,15 +74,9 @@ def experiment(tmp_path: Path, backbone: str, study: str, n_trials: int, max_wai
         path.write_text(path.read_text().replace("state_every_s:", f"max_wait: {max_wait}, state_every_s:"))
 
 
-@functools.cache
-def storage(url: str) -> optuna.storages.RDBStorage:
-    """The test's own view of the study: one engine, a fresh connection per read (the test drops them too)."""
-    return optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
-
-
 def trials(url: str, study: str) -> list:
     try:
-        return optuna.load_study(study_name=study, storage=storage(url)).trials
+        return optuna.load_study(study_name=study, storage=pg_storage(url)).trials
     except KeyError:  # not created yet
         return []
 

@@ -94,6 +94,7 @@ def test_a_password_in_the_experiment_yaml_reaches_no_artifact(tmp_path, tiny_ba
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("postgres")  # one PostgreSQL test at a time: their connections add up
 def test_a_storage_password_reaches_no_console_line_report_or_run(tmp_path, tiny_backbone, request, monkeypatch,
                                                                   capsys):
     """Item 1: a study on PostgreSQL whose URL carries a password (the server trusts loopback, so any password
