@@ -225,3 +225,67 @@ def test_a_run_whose_trial_never_recorded_it_is_closed_when_the_trial_goes_stale
     wait_for(lambda: reap(study) or study.trials[0].state.name == "FAIL")
     status = tracker.client.get_run(run.run_id)
     assert status.info.status == "FAILED" and "stopped heartbeating" in status.data.tags["fine_tune.reason"]
+
+
+def test_the_trials_view_is_written_when_another_sweep_wrote_it_between_mlflows_read_and_insert(tmp_path):
+    """Two sweeps starting together both write the study's trials view, an experiment tag. MLflow reads the tag, then
+    inserts it: the other sweep's row landing in between failed the insert (UNIQUE constraint, a traceback and exit 1,
+    seen on a loaded machine). Here the other sweep's write lands in exactly that window, through its own
+    connection."""
+    import json
+    import sqlite3
+
+    from fine_tune.track.stores import mlflow_client, tracking_uri
+    from fine_tune.track.views import VIEW, save_trials_view
+
+    uri = tracking_uri(tmp_path / "runs")
+    client = mlflow_client(uri)
+    experiment = client.create_experiment("together")
+    key, raced = f"mlflow.sharedViewState.{VIEW}", []
+
+    def other_sweep(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO experiment_tags") and not raced:
+            raced.append(statement)
+            with sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=30) as other:
+                other.execute("INSERT INTO experiment_tags (key, value, experiment_id) VALUES (?, ?, ?)",
+                              (key, '{"name": "the other sweep\'s"}', int(experiment)))
+
+    engine = client._tracking_client.store.engine
+    sqlalchemy.event.listen(engine, "before_cursor_execute", other_sweep)
+    try:
+        save_trials_view(client, experiment, ["lr"], "val/f1_macro")
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", other_sweep)
+    assert raced
+    assert json.loads(client.get_experiment(experiment).tags[key])["name"] == "Trials by val/f1_macro"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_retry_continues_the_run_an_attempt_created_but_never_recorded(tmp_path, tiny_backbone):
+    """The tracking server went away between creating a trial's run and answering (or before the run's params were
+    written): the trial was re-queued without its run's id, and the run stayed RUNNING beside the retry's new one
+    (seen once in the server-outage test on a loaded machine). The retry now finds that run by the trial number it is
+    tagged with, writes what it missed and continues it: one run per trial, none left RUNNING."""
+    from helpers import tiny_sweep
+
+    from fine_tune.study.sweep import open_study, run_sweep
+    from fine_tune.study.workers import Attempt
+    from fine_tune.track.stores import tracking_uri
+    from fine_tune.track.tree import StudyTracker
+
+    cfg = tiny_sweep(tmp_path / "runs", tiny_backbone[0], "lost-run", 1)
+    study = open_study(cfg, log=lambda s: None)
+    trial = study.ask()
+    tracker = StudyTracker(cfg.study, tracking_uri(cfg.runs_dir))
+    lost = tracker.start_trial(trial.number, {})  # created; its id never reached the trial, its params never written
+    Attempt(trial, tmp_path / "state", cfg.sweep.objective).requeue()  # what the sweep does when the server is gone
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    run_sweep(cfg, progress=False, log=lambda s: None)
+
+    trials = study_in(cfg.runs_dir, cfg.study).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].user_attrs["mlflow_run_id"] == lost.run_id
+    df = runs_of(cfg.runs_dir, cfg.study)
+    runs = df[df["tags.fine_tune.role"] == "trial"]
+    assert list(runs.run_id) == [lost.run_id] and list(runs.status) == ["FINISHED"]
+    assert runs["tags.optuna.retry_trial_number"].iloc[0] == "1" and runs["params.lr"].notna().all()
+    assert "RUNNING" not in set(df.status)

@@ -18,11 +18,11 @@ from optuna.trial import TrialState
 
 from fine_tune.errors import WorkerDied
 from fine_tune.learn.train import reached
-from fine_tune.names import TRIAL, TRIAL_NUMBER, role_filter, worker_id
+from fine_tune.names import worker_id
 from fine_tune.track.outages import storage_lost
 from fine_tune.track.stores import mlflow_client, quiet_experimental, trial_counts
 from fine_tune.track.tracking import RunTracker, close_run
-from fine_tune.track.tree import StudyTracker
+from fine_tune.track.tree import StudyTracker, running_trial_runs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -63,9 +63,7 @@ def runs_of_trial(uri: str, study_name: str, trial: optuna.trial.FrozenTrial) ->
     client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(study_name)
     if experiment is not None:
-        found |= {r.info.run_id for r in client.search_runs(
-            [experiment.experiment_id], f"tags.`{TRIAL_NUMBER}` = '{trial.number}' and "
-                                        f"{role_filter(TRIAL)} and attributes.status = 'RUNNING'")}
+        found |= set(running_trial_runs(client, experiment.experiment_id, trial.number))
     return sorted(found)
 
 
@@ -101,6 +99,17 @@ class Attempt:
 
         if self.original is not None and "mlflow_run_id" in self.trial.user_attrs:
             run = tracker.reopen(self.trial.user_attrs["mlflow_run_id"], self.trial.number)
+        elif self.original is not None and (lost := self._lost_runs(tracker)):
+            # an earlier attempt created its run, but the tracking server went away before the id reached Optuna:
+            # continue that run (whatever of its params and inputs it missed is written now) instead of leaving it
+            # RUNNING beside a new one
+            run = tracker.reopen(lost[0], self.trial.number)
+            run.write_params(params)
+            run.record(*record)
+            self.trial.set_user_attr("mlflow_run_id", run.run_id)
+            for extra in lost[1:]:  # more than one attempt lost its run that way: one continues, the others close
+                RunTracker(tracker.client, extra).end("FAILED", "FAIL", f"superseded: trial {self.trial.number} "
+                                                                        f"continues run {run.run_id}")
         else:
             run = tracker.start_trial(self.trial.number, params, record)
             self.trial.set_user_attr("mlflow_run_id", run.run_id)
@@ -109,6 +118,12 @@ class Attempt:
             run.backfill(self.history)
         self.run = run
         return run
+
+    def _lost_runs(self, tracker: StudyTracker) -> list[str]:
+        """The RUNNING runs of the earlier attempts at this trial (see `requeue`), found by their trial numbers."""
+        attempts = _frozen(self.trial).system_attrs.get("attempts", [self.original])
+        return [run_id for number in attempts
+                for run_id in running_trial_runs(tracker.client, tracker.experiment_id, number)]
 
     def report(self, epoch: int, metrics: dict[str, float]) -> None:
         """Report an epoch's objective to Optuna (once) and stop the trial if the pruner says so. A pruned trial's run
@@ -124,11 +139,15 @@ class Attempt:
         """Queue the interrupted trial again, marked as a retry of the trial it continues, as Optuna's retry callback
         would; the epochs it reported so far go with it."""
         trial = self.trial
+        frozen = _frozen(trial)
+        # the attempts so far, whose run the retry looks for when this one's id never reached Optuna
+        attempts = [*frozen.system_attrs.get("attempts", []), trial.number]
         trial.study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             user_attrs=dict(trial.user_attrs),
-            system_attrs={"failed_trial": trial.number if self.original is None else self.original},
-            intermediate_values=dict(_frozen(trial).intermediate_values)))
+            system_attrs={"failed_trial": trial.number if self.original is None else self.original,
+                          "attempts": attempts},
+            intermediate_values=dict(frozen.intermediate_values)))
 
 
 # --- claiming trials

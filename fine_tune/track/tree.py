@@ -9,12 +9,20 @@ import json
 import logging
 from typing import Any, Iterator
 
-from fine_tune.names import OUTCOME, REASON, ROLE, STUDY_NAME, TRIAL, TRIAL_NUMBER, TRIAL_STATE
+from fine_tune.names import OUTCOME, REASON, ROLE, STUDY_NAME, TRIAL, TRIAL_NUMBER, TRIAL_STATE, role_filter
 from fine_tune.track.interrupts import interruptible, store_write
 from fine_tune.track.stores import mlflow_client
 from fine_tune.track.tracking import RunTracker, experiment_id, open_run
 
 DEFINITION_CHANGED = "fine_tune.definition_changed"
+
+
+def running_trial_runs(client, experiment: str, number: int) -> list[str]:
+    """The study's trial runs tagged with trial `number` that are still RUNNING: a run whose id never reached Optuna
+    (its worker killed, or the tracking server gone, between creating the run and the trial recording it) is found
+    only this way."""
+    where = f"tags.`{TRIAL_NUMBER}` = '{number}' and {role_filter(TRIAL)} and attributes.status = 'RUNNING'"
+    return sorted(r.info.run_id for r in client.search_runs([experiment], where))
 
 
 class StudyTracker:

@@ -33,7 +33,15 @@ def save_trials_view(client, experiment_id: str, hyperparameters: list[str], obj
     now = int(time.time() * 1000)
     envelope = {"name": f"Trials by {objective}", "createdAt": now, "updatedAt": now,
                 "state": json.dumps(trials_view(hyperparameters, objective))}
-    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW}", json.dumps(envelope))
+    key, value = f"mlflow.sharedViewState.{VIEW}", json.dumps(envelope)
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except Exception as e:  # noqa: BLE001 - MlflowException, from the store or through a tracking server
+        # Two sweeps starting together: MLflow reads the tag, then inserts it, and the other sweep's row landed in
+        # between (seen on a loaded machine). Written again, the tag exists and is updated.
+        if not any(said in str(e) for said in ("UNIQUE constraint", "duplicate key", "IntegrityError")):
+            raise
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 def view_link(experiment_id: str) -> str:
